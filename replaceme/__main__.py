@@ -1,0 +1,3 @@
+from replaceme.cli import main
+
+raise SystemExit(main())

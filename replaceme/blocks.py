@@ -1,0 +1,86 @@
+"""Which layers to cut: explicit blocks checked against the model, or blocks chosen by distance.
+
+Blocks are 0-based and half-open, ``[s, e)`` = layers s … e-1 removed; the map of a block is
+folded into layer ``s-1``, which therefore must exist and must not itself be removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+
+from replaceme.errors import ReplaceMeError
+
+Block = tuple[int, int]
+
+
+def check_blocks(blocks: Sequence[Block], num_layers: int, merge_consecutive: bool) -> list[Block]:
+    """Validate explicit blocks against the model; merge touching blocks when allowed."""
+    blocks = sorted(tuple(b) for b in blocks)
+    for start, end in blocks:
+        if end > num_layers:
+            raise ReplaceMeError(f"blocks: [{start}, {end}] ends past the model's last layer ({num_layers} layers, 0..{num_layers - 1})")
+        if end - start >= num_layers:
+            raise ReplaceMeError(f"blocks: [{start}, {end}] would remove {end - start} of {num_layers} layers")
+    blocks = _merge_touching(blocks, merge_consecutive)
+    removed = sum(e - s for s, e in blocks)
+    if removed >= num_layers:
+        raise ReplaceMeError(f"blocks: together they remove {removed} of the model's {num_layers} layers")
+    return blocks
+
+
+def _merge_touching(blocks: list[Block], merge_consecutive: bool) -> list[Block]:
+    merged: list[Block] = []
+    for start, end in blocks:
+        if merged and start == merged[-1][1]:
+            if not merge_consecutive:
+                raise ReplaceMeError(
+                    f"blocks: {list(merged[-1])} and {[start, end]} touch, so layer {start - 1}, where the second "
+                    "map would be folded, is removed; set merge_consecutive: true or leave a layer between them"
+                )
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def select_blocks(distances: Sequence[tuple[int, int, float]], *, num_blocks: int, min_start: int,
+                  merge_consecutive: bool, num_layers: int) -> list[Block]:
+    """The ``num_blocks`` lowest-distance blocks that don't overlap (greedy, lowest first).
+
+    Touching blocks are merged when ``merge_consecutive``; otherwise a candidate must leave the
+    layer before it (its fold target) in place.
+    """
+    candidates = sorted((d, s, e) for s, e, d in distances if s >= min_start)
+    if not candidates:
+        raise ReplaceMeError(f"min_distance_layer: no candidate block starts at or after layer {min_start}")
+    chosen: list[Block] = []
+    for _, start, end in candidates:
+        if len(chosen) == num_blocks:
+            break
+        if all(_compatible((start, end), other, merge_consecutive) for other in chosen):
+            chosen.append((start, end))
+    if len(chosen) < num_blocks:
+        raise ReplaceMeError(f"num_A: only {len(chosen)} non-overlapping blocks fit; lower num_A or layers_to_skip")
+    return check_blocks(chosen, num_layers, merge_consecutive)
+
+
+def _compatible(a: Block, b: Block, merge_consecutive: bool) -> bool:
+    (s1, e1), (s2, e2) = sorted([a, b])
+    return e1 < s2 or (e1 == s2 and merge_consecutive)
+
+
+def distances_to_csv(distances: Sequence[tuple[int, int, float]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["start", "end", "angular_distance"])
+    writer.writerows((s, e, f"{d:.8f}") for s, e, d in distances)
+    return out.getvalue()
+
+
+def distances_from_csv(text: str, source: str) -> list[tuple[int, int, float]]:
+    try:
+        return [(int(r["start"]), int(r["end"]), float(r["angular_distance"])) for r in csv.DictReader(io.StringIO(text))]
+    except (KeyError, ValueError) as exc:
+        raise ReplaceMeError(f"distances_path: {source} is not a distances.csv written by replaceme ({exc})") from None

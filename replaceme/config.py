@@ -1,0 +1,228 @@
+"""The run configuration: one typed object, loaded from YAML and overridden with ``--set``.
+
+Keys follow the reference ReplaceMe configs (``method``, ``model_path``, ``dataset`` …) so a
+user can paste one in; ours are ``blocks``, ``output_dir``, ``eval``, ``compute_dtype`` and a few
+switches. Everything that can be checked without the model is checked here; checks that need
+the model's layer count live in :mod:`replaceme.blocks`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from replaceme.errors import ReplaceMeError
+
+Block = tuple[int, int]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class EvalConfig(_Strict):
+    """Held-out text for perplexity before and after pruning."""
+
+    dataset: str
+    dataset_column: str = "text"
+    dataset_subset: str = "test"
+    dataset_size: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="defaults to the top-level batch_size")
+    max_length: int | None = Field(default=None, ge=2, description="defaults to the top-level max_length")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names, run when lm-eval is installed")
+
+
+class CosineOptions(_Strict):
+    """The iterative solver for ``method: cosine``."""
+
+    steps: int = Field(default=300, ge=1, description="optimizer steps (Adam) or iterations (L-BFGS)")
+    lr: float = Field(default=1e-3, gt=0)
+    batch_tokens: int = Field(default=4096, ge=1, description="tokens per Adam step")
+    init: Literal["lstsq", "identity"] = "lstsq"
+
+
+class ReplaceMeConfig(_Strict):
+    # --- reference keys --------------------------------------------------------------------
+    method: Literal["lstsq", "cosine"] = "lstsq"
+    model_path: str
+    dataset: str
+    dataset_column: str = "text"
+    dataset_size: int | None = Field(default=None, ge=1)
+    dataset_subset: str = Field(default="train", description="split, for Hugging Face dataset names")
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=512, ge=2)
+    layers_to_skip: int = Field(default=1, ge=1, description="layers per block when blocks are selected by distance")
+    num_A: int = Field(default=1, ge=1, description="number of blocks to select")
+    merge_consecutive: bool = True
+    min_distance_layer: int = Field(default=1, ge=1, description="earliest first layer of a candidate block")
+    alpha: float = Field(default=0.0, ge=0.0, description="ridge term of the least-squares solve")
+    diag: bool = False
+    loss: Literal["cosine", "mse"] = "cosine"
+    solver: Literal["adam", "lbfgs"] = "adam"
+    distances_path: str | None = None
+    output_dir: str = Field(
+        default="outputs/run", validation_alias=AliasChoices("output_dir", "save_path")
+    )
+    save_transform_only: bool = False
+    use_4bit: bool = False
+    token: SecretStr | None = None
+
+    # --- ours -------------------------------------------------------------------------------
+    blocks: list[Block] | None = Field(default=None, description="explicit 0-based half-open blocks")
+    eval: EvalConfig | None = None
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sequential: bool = Field(
+        default=True,
+        description="fit each later block on the stream of the model whose earlier blocks are already replaced",
+    )
+    cosine: CosineOptions = Field(default_factory=CosineOptions)
+    overwrite: bool = False
+    allow_pickle: bool = False
+    seed: int = 0
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_shorthand(cls, value: Any) -> Any:
+        return {"dataset": value} if isinstance(value, str) else value
+
+    @field_validator("use_4bit")
+    @classmethod
+    def _no_4bit(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "4-bit loading is not needed: replaceme runs one decoder layer at a time and never "
+                "holds the whole model; remove use_4bit"
+            )
+        return value
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_well_formed(cls, blocks: list[Block] | None) -> list[Block] | None:
+        if blocks is None:
+            return None
+        if not blocks:
+            raise ValueError("is empty; give at least one [start, end] or leave it out to select by distance")
+        for start, end in blocks:
+            if start < 1:
+                raise ValueError(
+                    f"[{start}, {end}] starts at layer {start}; a block must start at layer 1 or later "
+                    "because its map is folded into the layer before it"
+                )
+            if end <= start:
+                raise ValueError(f"[{start}, {end}] is empty; blocks are half-open [start, end) with end > start")
+        ordered = sorted(blocks)
+        for (s1, e1), (s2, e2) in zip(ordered, ordered[1:]):
+            if s2 < e1:
+                raise ValueError(f"[{s1}, {e1}] and [{s2}, {e2}] overlap")
+        return ordered
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data with secrets redacted (for reports and logs)."""
+        data = self.model_dump(mode="json")
+        if self.token is not None:
+            data["token"] = "***"
+        return data
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ReplaceMeConfig:
+    """Read a YAML config, apply ``key=value`` overrides (values parsed as YAML) and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+    return validate_config(data)
+
+
+def validate_config(data: dict[str, Any]) -> ReplaceMeConfig:
+    try:
+        return ReplaceMeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ReplaceMeError(_describe(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ReplaceMeError(f"config file {path} does not exist; pass --config with the path to a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ReplaceMeError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ReplaceMeError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ReplaceMeError(f"--set {item!r} must look like key=value, e.g. --set alpha=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ReplaceMeError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if isinstance(child, str) and part == "eval":  # eval: path shorthand, now being refined
+            child = {"dataset": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names (and aliases) valid at the location of an unknown key."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    names = list(model.model_fields)
+    if model is ReplaceMeConfig:
+        names.append("save_path")
+    return names
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        key = ".".join(str(p) for p in loc) or "config"
+        if error["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(loc[-1]), _known_keys(ReplaceMeConfig, loc), n=1)
+            suggestion = f"; did you mean '{'.'.join([*map(str, loc[:-1]), hint[0]])}'?" if hint else ""
+            lines.append(f"unknown key '{key}'{suggestion}")
+        elif error["type"] == "missing":
+            lines.append(f"'{key}' is required")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            shown = "" if not loc or loc[0] == "token" else f" (got {error.get('input')!r})"
+            lines.append(f"'{key}': {message}{shown}")
+    return "invalid config: " + "; ".join(lines)

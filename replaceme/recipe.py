@@ -1,0 +1,334 @@
+"""The ReplaceMe recipe: profile → calibrate (+ solve) → merge → evaluate, as composable steps.
+
+Each step reads its inputs from and writes its artefacts to the run's output folder, so the
+CLI can run them one by one (``replaceme calibrate`` then ``replaceme merge`` …) or all at once
+(``replaceme run``, which stages the whole folder and publishes it only when complete).
+Everything a user can get wrong is checked in :meth:`Context.__init__`, before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from replaceme import __version__
+from replaceme.blocks import check_blocks, distances_from_csv, distances_to_csv, select_blocks
+from replaceme.checkpoint import Checkpoint
+from replaceme.config import ReplaceMeConfig
+from replaceme.data import Batch, load_texts, make_batches
+from replaceme.engine import Activations, BlockCapture, LocalEngine
+from replaceme.errors import ReplaceMeError
+from replaceme.families import check_estimator, family_for
+from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
+from replaceme.merge import kept_layers, merge_checkpoint
+from replaceme.outputs import OutputDir, is_inside, staged_run
+from replaceme.plots import plot_distances
+from replaceme.stats import BlockStats
+from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_lstsq
+
+log = logging.getLogger("replaceme")
+Block = tuple[int, int]
+
+
+class Context:
+    """Validated inputs of a run, opened once and shared by the steps."""
+
+    def __init__(self, config: ReplaceMeConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self.model_uri = _resolve_model_path(config)
+        self.checkpoint = Checkpoint(self.model_uri, allow_pickle=config.allow_pickle)
+        self.family = family_for(self.checkpoint.config)
+        check_estimator(self.family, config.diag)
+        self.num_layers = int(self.checkpoint.config["num_hidden_layers"])
+        _ = self.checkpoint.weight_map  # refuses folders without (safe) weights
+        if is_inside(config.output_dir, self.model_uri):
+            raise ReplaceMeError(f"output_dir: {config.output_dir} is inside the source model {self.model_uri}; "
+                                 "the source is never written to, choose a folder outside it")
+        self.blocks = check_blocks(config.blocks, self.num_layers, config.merge_consecutive) if config.blocks else None
+        if self.blocks is None and config.layers_to_skip >= self.num_layers:
+            raise ReplaceMeError(f"layers_to_skip: {config.layers_to_skip} must be smaller than the model's {self.num_layers} layers")
+        self.texts = load_texts(config.dataset, column=config.dataset_column, split=config.dataset_subset,
+                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset")
+        self.eval_texts = None
+        if config.eval is not None:
+            e = config.eval
+            self.eval_texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset,
+                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset")
+        self.device = resolve_device(config.device)
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        with _local_copy(self.checkpoint) as folder:
+            return AutoTokenizer.from_pretrained(folder)
+
+    @cached_property
+    def batches(self) -> list[Batch]:
+        c = self.config
+        return make_batches(self.texts, self.tokenizer, batch_size=c.batch_size, max_length=c.max_length, field="dataset")
+
+    @cached_property
+    def eval_batches(self) -> list[Batch]:
+        e, c = self.config.eval, self.config
+        return make_batches(self.eval_texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
+                            max_length=e.max_length or c.max_length, field="eval.dataset")
+
+    def layerwise(self, checkpoint: Checkpoint) -> LayerwiseModel:
+        model = LayerwiseModel(checkpoint, device=self.device)
+        model.dtype = resolve_dtype(self.config.compute_dtype, self.device, model.checkpoint_dtype())
+        return model
+
+    @contextmanager
+    def timed(self, step: str):
+        started = time.perf_counter()
+        yield
+        self.timings[step] = round(time.perf_counter() - started, 3)
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+def profile(ctx: Context, out: OutputDir) -> list[Block]:
+    """Choose blocks by angular distance (or reuse ``distances_path``); writes distances.csv/.png."""
+    c = ctx.config
+    with ctx.timed("profile"):
+        if c.distances_path and os.path.exists(c.distances_path):
+            distances = distances_from_csv(Path(c.distances_path).read_text(), c.distances_path)
+            log.info("reusing block distances from %s", c.distances_path)
+        else:
+            engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
+            distances = engine.distances(c.layers_to_skip)
+        blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
+                               merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
+    csv_text = distances_to_csv(distances)
+    out.write_text("distances.csv", csv_text)
+    out.write_bytes("distances.png", plot_distances(distances, blocks, c.layers_to_skip))
+    if c.distances_path and not os.path.exists(c.distances_path):
+        Path(c.distances_path).write_text(csv_text)
+    out.write_json("blocks.json", [list(b) for b in blocks])
+    return blocks
+
+
+def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[str, Any]]:
+    """Run the model up to the last needed layer, solve each block's map, save maps and statistics."""
+    c = ctx.config
+    solver = BlockSolver(c)
+    with ctx.timed("calibrate"):
+        engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
+        fits = engine.calibrate(blocks, solver, sequential=c.sequential, keep_activations=c.method == "cosine")
+    transforms = {f"{s}-{e}": t.to(torch.float32).cpu().contiguous() for ((s, e), t) in ((cap.block, t) for cap, t in fits)}
+    out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": c.method}))
+    out.write_json("blocks.json", [list(b) for b in blocks])
+    for capture, _ in fits:
+        s, e = capture.block
+        out.write_bytes(f"calibration/stats-{s}-{e}.safetensors", capture.stats.to_bytes())
+        if capture.activations is not None:
+            x, y, residual = capture.activations.tensors()
+            out.write_bytes(f"calibration/activations-{s}-{e}.safetensors",
+                            save_safetensors({"x": x, "y": y, "residual": residual}))
+    return [solver.details[cap.block] for cap, _ in fits]
+
+
+def solve(ctx: Context, out: OutputDir) -> list[dict[str, Any]]:
+    """Re-solve every block from its saved statistics (and activations, for cosine)."""
+    blocks = saved_blocks(out)
+    if not blocks:
+        raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json; run `replaceme calibrate` first")
+    if len(blocks) > 1 and ctx.config.sequential:
+        log.warning("blocks after the first were calibrated on the stream of the model pruned with the *old* "
+                    "maps; re-run calibrate for an exact sequential fit")
+    solver = BlockSolver(ctx.config)
+    transforms = {}
+    for s, e in blocks:
+        stats = BlockStats.from_bytes(out.read_bytes(f"calibration/stats-{s}-{e}.safetensors"))
+        activations = None
+        if ctx.config.method == "cosine":
+            name = f"calibration/activations-{s}-{e}.safetensors"
+            if not out.exists(name):
+                raise ReplaceMeError(f"output_dir: {out.uri}/{name} is missing; re-solving with method: cosine "
+                                     "needs activations, saved by `replaceme calibrate` with method: cosine")
+            rows = load_safetensors(out.read_bytes(name))
+            activations = Activations([rows["x"]], [rows["y"]], [rows["residual"]])
+        transforms[f"{s}-{e}"] = solver(BlockCapture((s, e), stats, activations)).to(torch.float32).contiguous()
+    out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": ctx.config.method}))
+    return [solver.details[b] for b in blocks]
+
+
+def saved_blocks(out: OutputDir) -> list[Block] | None:
+    if not out.exists("blocks.json"):
+        return None
+    return [tuple(b) for b in json.loads(out.read_text("blocks.json"))]
+
+
+def merge(ctx: Context, out: OutputDir) -> None:
+    """Fold the saved maps into a pruned copy of the source checkpoint under ``model/``."""
+    transforms = load_transforms(out)
+    with ctx.timed("merge"), out.staged("model", overwrite=ctx.config.overwrite) as staging:
+        merge_checkpoint(ctx.checkpoint, transforms, out.fs, staging, progress=ctx.progress)
+
+
+def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
+    """Held-out perplexity of the source and of the pruned model in ``model/``."""
+    if ctx.eval_texts is None:
+        return {}
+    with ctx.timed("evaluate"):
+        before, tokens = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress).perplexity()
+        with Checkpoint(f"{out.uri}/model", field="output_dir") as pruned:
+            after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress).perplexity()
+    return {"perplexity_before": before, "perplexity_after": after,
+            "retention": before / after, "eval_tokens": tokens}
+
+
+def evaluate_and_record(ctx: Context, out: OutputDir) -> dict[str, Any]:
+    """``evaluate`` as a step of its own: add the figures to report.json."""
+    if ctx.eval_texts is None:
+        raise ReplaceMeError("eval: no evaluation data configured; set eval: <path to held-out text>")
+    metrics = evaluate(ctx, out)
+    report = json.loads(out.read_text("report.json")) if out.exists("report.json") else {}
+    report.update(metrics)
+    out.write_json("report.json", report)
+    return metrics
+
+
+def load_transforms(out: OutputDir) -> dict[Block, torch.Tensor]:
+    if not out.exists("transforms.safetensors"):
+        raise ReplaceMeError(f"output_dir: {out.uri} has no transforms.safetensors; run `replaceme calibrate` first")
+    tensors = load_safetensors(out.read_bytes("transforms.safetensors"))
+    return {tuple(int(v) for v in key.split("-")): t for key, t in tensors.items()}
+
+
+# --- the solver used during calibration ------------------------------------------------------
+
+
+class BlockSolver:
+    """Turns a block's capture into its map with the configured estimator; keeps per-block details."""
+
+    def __init__(self, config: ReplaceMeConfig) -> None:
+        self.config = config
+        self.details: dict[Block, dict[str, Any]] = {}
+
+    def __call__(self, capture: BlockCapture) -> torch.Tensor:
+        c = self.config
+        transform, info = solve_lstsq(capture.stats, c.alpha, c.diag)
+        if c.method == "cosine":
+            x, y, residual = capture.activations.tensors()
+            init = transform if c.cosine.init == "lstsq" else torch.eye(x.shape[1], dtype=torch.float64)
+            transform = solve_cosine(x, y, residual, init=init, loss=c.loss, solver=c.solver, diag=c.diag,
+                                     steps=c.cosine.steps, lr=c.cosine.lr, batch_tokens=c.cosine.batch_tokens, seed=c.seed)
+        identity = torch.eye(transform.shape[0], dtype=torch.float64)
+        detail = {
+            "block": list(capture.block),
+            "tokens": capture.stats.tokens,
+            "relative_residual": capture.stats.residual(transform),
+            "relative_residual_dropping": capture.stats.residual(identity),
+            "singular": info.singular,
+        }
+        if capture.activations is not None:
+            x, y, residual = capture.activations.tensors()
+            detail["cosine_distance"] = mean_cosine_distance(x, y, residual, transform)
+            detail["cosine_distance_dropping"] = mean_cosine_distance(x, y, residual, identity)
+        self.details[capture.block] = detail
+        return transform
+
+
+# --- whole run --------------------------------------------------------------------------------
+
+
+def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Prune end to end; the output folder appears only when everything is written."""
+    ctx = Context(config, progress=progress)
+    torch.manual_seed(config.seed)
+    announce = on_step or (lambda step: None)
+    with staged_run(config.output_dir, overwrite=config.overwrite) as out:
+        announce("profile")
+        blocks = ctx.blocks or profile(ctx, out)
+        announce("calibrate")
+        details = calibrate(ctx, out, blocks)
+        metrics: dict[str, Any] = {}
+        if not config.save_transform_only:
+            announce("merge")
+            merge(ctx, out)
+            announce("evaluate")
+            metrics = evaluate(ctx, out)
+        report = build_report(ctx, blocks, details, metrics)
+        out.write_json("report.json", report)
+    return report
+
+
+def build_report(ctx: Context, blocks: list[Block], details: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+    removed = ctx.num_layers - len(kept_layers(ctx.num_layers, blocks))
+    return {
+        "replaceme_version": __version__,
+        "source_model": ctx.model_uri,
+        "family": ctx.family.name,
+        "num_layers": ctx.num_layers,
+        "blocks": [list(b) for b in blocks],
+        "removed_layers": removed,
+        "removed_fraction": removed / ctx.num_layers,
+        "method": ctx.config.method,
+        "calibration_tokens": sum(b.num_tokens for b in ctx.batches),
+        **metrics,
+        "solver": details,
+        "seconds": ctx.timings,
+        "peak_memory_mb": _peak_memory_mb(),
+        "device": str(ctx.device),
+        "config": ctx.config.public_dict(),
+    }
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    peak = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
+    return {k: round(v, 1) for k, v in peak.items()}
+
+
+# --- model location ----------------------------------------------------------------------------
+
+
+def _resolve_model_path(config: ReplaceMeConfig) -> str:
+    """A local folder or fsspec URI as given; a Hugging Face repo id is fetched (weights included)."""
+    path = config.model_path
+    if "://" in path or os.path.exists(path) or not _looks_like_repo_id(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    token = config.token.get_secret_value() if config.token else None
+    try:
+        return snapshot_download(path, token=token, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as exc:  # network, auth, missing repo: one message naming the field
+        raise ReplaceMeError(f"model_path: {path} is not a local folder and could not be fetched from the "
+                             f"Hugging Face Hub ({type(exc).__name__}); check the path or your access") from None
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+
+
+@contextmanager
+def _local_copy(checkpoint: Checkpoint):
+    """A local folder with the checkpoint's small files, for libraries that need a path."""
+    if checkpoint.fs.protocol in ("file", ("file", "local")) or "file" in checkpoint.fs.protocol:
+        yield checkpoint.root
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name in [*checkpoint.non_weight_files(), "config.json"]:
+            Path(folder, name).write_bytes(checkpoint.fs.cat_file(f"{checkpoint.root}/{name}"))
+        yield folder

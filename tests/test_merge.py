@@ -1,0 +1,87 @@
+"""The streamed merge: a loadable checkpoint equal to the original with the map inserted."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILY_CONFIGS, build_tiny_model
+from replaceme.checkpoint import Checkpoint
+from replaceme.families import family_for
+from replaceme.merge import merge_checkpoint
+
+
+def reference_with_map(folder, blocks, transforms, family):
+    """The original HF model, blocks deleted, X·T applied where each map is folded."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    layers = model.model.layers
+    for (start, _), t in transforms.items():
+        module = layers[start - 1].get_submodule(family.residual_mlp_module)
+        module.register_forward_hook(lambda _m, _i, out, t=t: out @ t.to(out.dtype))
+    removed = {i for s, e in blocks for i in range(s, e)}
+    model.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in removed)
+    model.config.num_hidden_layers = len(model.model.layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in removed]
+    return model
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILY_CONFIGS))
+def test_merged_model_matches_original_with_map(family_name, tmp_path, tokenizer_dir):
+    model_type = FAMILY_CONFIGS[family_name]["model_type"]
+    source = build_tiny_model(tmp_path / "src", tokenizer_dir, model_type, num_hidden_layers=8)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    blocks = [(2, 4), (5, 7)]
+    generator = torch.Generator().manual_seed(1)
+    with Checkpoint(str(source)) as checkpoint:
+        family = family_for(checkpoint.config)
+        hidden = checkpoint.config["hidden_size"]
+        transforms = {}
+        for block in blocks:
+            noise = 0.2 * torch.randn(hidden, hidden, generator=generator, dtype=torch.float64)
+            t = torch.eye(hidden, dtype=torch.float64) + noise
+            transforms[block] = t if family.full_map_foldable else torch.diag(torch.diagonal(t))
+        out = tmp_path / "out"
+        out.mkdir()
+        merge_checkpoint(checkpoint, transforms, fsspec.filesystem("file"), str(out), progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    for key, value in config.items():  # every per-layer list shortened with the layers
+        if isinstance(value, list) and key.endswith("types"):
+            assert len(value) == 4, key
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = reference_with_map(source, blocks, transforms, family)
+    ids = torch.randint(2, 300, (2, 24), generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids, use_cache=False).logits, reference(ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # source untouched
+
+
+def test_qwen2_window_layers_follow_the_kept_layers(tmp_path, tokenizer_dir):
+    source = build_tiny_model(tmp_path / "src", tokenizer_dir, "qwen2", num_hidden_layers=8, max_window_layers=4)
+    with Checkpoint(str(source)) as checkpoint:
+        out = tmp_path / "out"
+        out.mkdir()
+        merge_checkpoint(checkpoint, {(1, 3): torch.eye(64)}, fsspec.filesystem("file"), str(out), progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_window_layers"] == 2  # layers 0 and 3 remain of the first four
+    assert config["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 4
+
+
+def test_untouched_tensors_are_copied_byte_for_byte(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    out.mkdir()
+    with Checkpoint(str(tiny_llama)) as checkpoint:
+        merge_checkpoint(checkpoint, {(3, 5): torch.eye(64) * 2}, fsspec.filesystem("file"), str(out), progress=False)
+        with Checkpoint(str(out)) as merged:
+            assert merged.load("model.layers.3.self_attn.q_proj.weight").equal(checkpoint.load("model.layers.5.self_attn.q_proj.weight"))
+            assert merged.read_bytes(merged.entries["model.embed_tokens.weight"]) == checkpoint.read_bytes(checkpoint.entries["model.embed_tokens.weight"])
+            folded = merged.load("model.layers.2.mlp.down_proj.weight")
+            assert folded.equal(2 * checkpoint.load("model.layers.2.mlp.down_proj.weight"))
+            assert "model.layers.4.mlp.down_proj.weight" not in merged.weight_map
+            assert len(merged.shards()) > 1
