@@ -56,8 +56,9 @@ class OutputDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write to a temporary name, then rename: readers never see a partial file."""
-        self.fs.makedirs(self.root, exist_ok=True)
-        temporary = self.path(f".{name}.partial")
+        folder, _, base = self.path(name).rpartition("/")
+        self.fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/.{base}.partial"
         with self.fs.open(temporary, "wb") as handle:
             handle.write(data)
         self.fs.mv(temporary, self.path(name))
@@ -83,7 +84,6 @@ def staged_run(uri: str, *, overwrite: bool, storage_options: dict[str, Any] | N
     fs, root = fsspec.core.url_to_fs(uri.rstrip("/"), **(storage_options or {}))
     if fs.exists(root) and not overwrite:
         raise ReplaceMeError(f"output_dir: {uri} already exists; choose another output_dir or pass --overwrite")
-    parent, _, name = root.rpartition("/")
     staging_uri = uri.rstrip("/") + STAGING_SUFFIX
     staging = OutputDir(staging_uri, storage_options)
     if staging.exists():

@@ -1,0 +1,62 @@
+"""Config loading: reference keys, overrides, and one clear message per mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_config
+from replaceme.config import load_config, validate_config
+from replaceme.errors import ReplaceMeError
+
+BASE = {"model_path": "m", "dataset": "d.jsonl"}
+
+
+def test_reference_keys_are_accepted(tmp_path):
+    reference = dict(BASE, method="cosine", dataset_column="text", dataset_size=100, dataset_subset="train",
+                     batch_size=4, max_length=256, layers_to_skip=8, num_A=2, merge_consecutive=True,
+                     min_distance_layer=4, alpha=0.5, diag=False, loss="cosine", solver="lbfgs",
+                     distances_path="d.csv", save_path="out", save_transform_only=True, use_4bit=False,
+                     token="hf_secret")
+    config = load_config(write_config(tmp_path / "c.yaml", **reference))
+    assert config.output_dir == "out" and config.num_A == 2 and config.solver == "lbfgs"
+    assert config.public_dict()["token"] == "***"
+    assert "hf_secret" not in repr(config)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = write_config(tmp_path / "c.yaml", **BASE, eval="e.jsonl")
+    config = load_config(path, ["blocks=[[6,9]]", "alpha=0.1", "output_dir=/tmp/x", "eval.max_length=64", "cosine.steps=5"])
+    assert config.blocks == [(6, 9)] and config.alpha == 0.1 and config.output_dir == "/tmp/x"
+    assert config.eval.dataset == "e.jsonl" and config.eval.max_length == 64 and config.cosine.steps == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alpah": 1}, "unknown key 'alpah'; did you mean 'alpha'?"),
+    ({"cosine": {"stpes": 3}}, "unknown key 'cosine.stpes'; did you mean 'cosine.steps'?"),
+    ({"alpha": -1}, "'alpha': Input should be greater than or equal to 0"),
+    ({"method": "svd"}, "'method': Input should be 'lstsq' or 'cosine'"),
+    ({"blocks": [[2, 5], [4, 6]]}, "[2, 5] and [4, 6] overlap"),
+    ({"blocks": [[0, 3]]}, "must start at layer 1 or later"),
+    ({"blocks": [[5, 5]]}, "is empty"),
+    ({"use_4bit": True}, "remove use_4bit"),
+    ({"batch_size": 0}, "'batch_size'"),
+])
+def test_invalid_values_name_the_key(change, message):
+    with pytest.raises(ReplaceMeError) as error:
+        validate_config({**BASE, **change})
+    assert message in str(error.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ReplaceMeError, match="'dataset' is required"):
+        validate_config({"model_path": "m"})
+
+
+def test_bad_override_syntax(tmp_path):
+    with pytest.raises(ReplaceMeError, match="key=value"):
+        load_config(write_config(tmp_path / "c.yaml", **BASE), ["alpha"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ReplaceMeError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
