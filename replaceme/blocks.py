@@ -19,15 +19,11 @@ def check_blocks(blocks: Sequence[Block], num_layers: int, merge_consecutive: bo
     """Validate explicit blocks against the model; merge touching blocks when allowed."""
     blocks = sorted(tuple(b) for b in blocks)
     for start, end in blocks:
+        if end - start >= num_layers:
+            raise ReplaceMeError(f"blocks: [{start}, {end}] would remove {end - start} of the model's {num_layers} layers")
         if end > num_layers:
             raise ReplaceMeError(f"blocks: [{start}, {end}] ends past the model's last layer ({num_layers} layers, 0..{num_layers - 1})")
-        if end - start >= num_layers:
-            raise ReplaceMeError(f"blocks: [{start}, {end}] would remove {end - start} of {num_layers} layers")
-    blocks = _merge_touching(blocks, merge_consecutive)
-    removed = sum(e - s for s, e in blocks)
-    if removed >= num_layers:
-        raise ReplaceMeError(f"blocks: together they remove {removed} of the model's {num_layers} layers")
-    return blocks
+    return _merge_touching(blocks, merge_consecutive)  # starts >= 1: layer 0 always stays
 
 
 def _merge_touching(blocks: list[Block], merge_consecutive: bool) -> list[Block]:

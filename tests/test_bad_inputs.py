@@ -1,0 +1,109 @@
+"""Bad input ends in one clear message, before any work, and never in a half-written output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import CALIB, EVAL, build_tiny_model
+from replaceme import recipe
+from replaceme.config import validate_config
+from replaceme.errors import ReplaceMeError
+
+
+def config_for(model, tmp_path, **changes):
+    values = dict(model_path=str(model), dataset=str(CALIB), eval=str(EVAL), output_dir=str(tmp_path / "out"),
+                  max_length=32, dataset_size=16, blocks=[[2, 4]])
+    return validate_config({**values, **changes})
+
+
+def fails(config, message):
+    with pytest.raises(ReplaceMeError) as error:
+        recipe.run(config, progress=False)
+    assert message in str(error.value)
+    return str(error.value)
+
+
+def test_missing_model_or_dataset(tmp_path, tiny_llama):
+    fails(config_for(tmp_path / "nowhere", tmp_path), "model_path:")
+    fails(config_for(tiny_llama, tmp_path, dataset=str(tmp_path / "none.jsonl")), "dataset:")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ([[4, 7]], "ends past the model's last layer"),
+    ([[1, 7]], "would remove 6 of the model's 6 layers"),
+])
+def test_blocks_checked_against_the_model(tmp_path, tiny_llama, blocks, message):
+    fails(config_for(tiny_llama, tmp_path, blocks=blocks), message)
+
+
+def test_block_size_checked_against_the_model(tmp_path, tiny_llama):
+    fails(config_for(tiny_llama, tmp_path, blocks=None, layers_to_skip=6), "layers_to_skip")
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, tiny_llama):
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, model)
+    tensors = {}
+    for shard in model.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (model / "model.safetensors.index.json").unlink()
+    torch.save(tensors, model / "pytorch_model.bin")
+    fails(config_for(model, tmp_path), "allow_pickle: true")
+    report = recipe.run(config_for(model, tmp_path, allow_pickle=True), progress=False)
+    assert report["perplexity_after"] > 0 and (tmp_path / "out" / "model" / "config.json").exists()
+
+
+def test_output_inside_the_source_model_refused(tmp_path, tiny_llama):
+    fails(config_for(tiny_llama, tmp_path, output_dir=str(tiny_llama / "pruned")), "inside the source model")
+
+
+def test_existing_output_refused_without_overwrite(tmp_path, tiny_llama):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    fails(config_for(tiny_llama, tmp_path), "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_a_crash_leaves_nothing_that_looks_finished(tmp_path, tiny_llama, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(recipe, "merge_checkpoint", broken)
+    with pytest.raises(RuntimeError):
+        recipe.run(config_for(tiny_llama, tmp_path), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_activations_name_the_layer(tmp_path, tokenizer_dir):
+    model = build_tiny_model(tmp_path / "nan", tokenizer_dir)
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.3.mlp.down_proj.weight"
+    shard = model / index[name]
+    tensors = load_file(shard)
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, shard, metadata={"format": "pt"})
+    fails(config_for(model, tmp_path, blocks=[[5, 6]]), "non-finite activations after decoder layer 3")
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path, tiny_llama):
+    model = tmp_path / "gpt"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    message = fails(config_for(model, tmp_path), "model_type 'gpt2' is not supported")
+    assert "gemma2" in message and "llama" in message and "qwen3" in message
+
+
+def test_gemma_full_map_refused_with_the_reason(tmp_path, tokenizer_dir):
+    model = build_tiny_model(tmp_path / "gemma", tokenizer_dir, "gemma2", head_dim=16, query_pre_attn_scalar=16)
+    message = fails(config_for(model, tmp_path), "diag: true")
+    assert "post_feedforward_layernorm" in message
+    report = recipe.run(config_for(model, tmp_path, diag=True), progress=False)
+    assert report["perplexity_after"] > 0
