@@ -150,6 +150,14 @@ class Checkpoint:
                 result.update((e.name, e) for e in self._header(shard))
         return result
 
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        """The floating-point dtype the weights are stored in."""
+        for entry in self.entries.values():
+            if DTYPES[entry.dtype].is_floating_point:
+                return DTYPES[entry.dtype]
+        return torch.float32
+
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
@@ -199,7 +207,7 @@ class Checkpoint:
 
     def _pickle_shard(self, shard: str) -> dict[str, torch.Tensor]:
         if shard not in self._pickle_shards:
-            with self.fs.open(join(self.root, shard), "rb") as handle:
+            with self.fs.open(join(self.root, shard), "rb") as handle:  # one pickle shard in memory at a time
                 self._pickle_shards = {shard: torch.load(handle, map_location="cpu", weights_only=True)}
         return self._pickle_shards[shard]
 

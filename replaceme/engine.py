@@ -31,6 +31,7 @@ from replaceme.layerwise import LayerwiseModel
 from replaceme.stats import BlockStats
 
 Block = tuple[int, int]
+KWARGS_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -68,6 +69,8 @@ class LocalEngine:
         self.model = model
         self.batches = list(batches)
         self.progress = progress
+        self._kwargs_cache: dict[tuple[int, int], dict] = {}
+        self._kwargs_cache_bytes = 0
 
     # --- building blocks ---------------------------------------------------------------------
 
@@ -84,15 +87,27 @@ class LocalEngine:
                 tapped = layer.get_submodule(self.model.family.residual_mlp_module)
                 hook = tapped.register_forward_hook(lambda _m, _i, out: taps.append(out))
             try:
-                for batch, hidden in zip(self.batches, stream):
-                    kwargs = self.model.layer_kwargs(index, batch.attention_mask)
-                    out = layer(hidden, **kwargs)
+                for batch_index, hidden in enumerate(stream):
+                    out = layer(hidden, **self._layer_kwargs(index, batch_index))
                     outputs.append(out[0] if isinstance(out, tuple) else out)
             finally:
                 if hook is not None:
                     hook.remove()
         self._check_finite(index, outputs)
         return outputs, taps
+
+    def _layer_kwargs(self, index: int, batch_index: int) -> dict:
+        """Masks and position embeddings for one layer and batch, cached while they fit the budget
+        (building them costs about as much as a small layer; for long sequences they are large)."""
+        key = (self.model.kwargs_key(index), batch_index)
+        if key in self._kwargs_cache:
+            return self._kwargs_cache[key]
+        kwargs = self.model.layer_kwargs(index, self.batches[batch_index].attention_mask)
+        size = sum(_nbytes(v) for v in kwargs.values())
+        if self._kwargs_cache_bytes + size <= KWARGS_CACHE_BYTES:
+            self._kwargs_cache[key] = kwargs
+            self._kwargs_cache_bytes += size
+        return kwargs
 
     def run_layers(self, layers: range, stream: list[torch.Tensor], bar: tqdm | None = None) -> list[torch.Tensor]:
         for index in layers:
@@ -210,3 +225,11 @@ def _mean_angular_distance(before: list[torch.Tensor], after: list[torch.Tensor]
         total += float(torch.arccos(cos).sum() / math.pi)
         count += a.shape[0]
     return total / count
+
+
+def _nbytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0

@@ -21,7 +21,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from replaceme.checkpoint import DTYPES, Checkpoint
+from replaceme.checkpoint import Checkpoint
 from replaceme.errors import ReplaceMeError
 from replaceme.families import Family, family_for
 
@@ -72,7 +72,7 @@ class LayerwiseModel:
         self.checkpoint = checkpoint
         self.family: Family = family_for(checkpoint.config, checkpoint.field)
         self.device = device
-        self.dtype = dtype or self.checkpoint_dtype()
+        self.dtype = dtype or checkpoint.dtype
         self.hf_config = AutoConfig.for_model(**checkpoint.config)
         with init_empty_weights(include_buffers=False):  # parameters on meta, rotary buffers real
             self._model = AutoModelForCausalLM.from_config(self.hf_config)
@@ -100,12 +100,6 @@ class LayerwiseModel:
     def layer_prefix(self) -> str:
         return self.family.layer_prefix
 
-    def checkpoint_dtype(self) -> torch.dtype:
-        for entry in self.checkpoint.entries.values():
-            if DTYPES[entry.dtype].is_floating_point:
-                return DTYPES[entry.dtype]
-        return torch.float32
-
     # --- inputs of each layer ----------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -124,6 +118,10 @@ class LayerwiseModel:
         _, kwargs = self._probe(self._first_of_type[index], inputs_embeds=placeholder,
                                 attention_mask=attention_mask.to(self.device))
         return kwargs
+
+    def kwargs_key(self, index: int) -> int:
+        """Layers with the same key receive identical arguments for the same batch."""
+        return self._first_of_type[index]
 
     def _probe(self, index: int, **inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         self._recorder["target"] = index

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -90,9 +91,8 @@ class Context:
                             max_length=e.max_length or c.max_length, field="eval.dataset")
 
     def layerwise(self, checkpoint: Checkpoint) -> LayerwiseModel:
-        model = LayerwiseModel(checkpoint, device=self.device)
-        model.dtype = resolve_dtype(self.config.compute_dtype, self.device, model.checkpoint_dtype())
-        return model
+        dtype = resolve_dtype(self.config.compute_dtype, self.device, checkpoint.dtype)
+        return LayerwiseModel(checkpoint, device=self.device, dtype=dtype)
 
     @contextmanager
     def timed(self, step: str):
@@ -325,7 +325,7 @@ def _looks_like_repo_id(path: str) -> bool:
 @contextmanager
 def _local_copy(checkpoint: Checkpoint):
     """A local folder with the checkpoint's small files, for libraries that need a path."""
-    if checkpoint.fs.protocol in ("file", ("file", "local")) or "file" in checkpoint.fs.protocol:
+    if isinstance(checkpoint.fs, LocalFileSystem):
         yield checkpoint.root
         return
     with tempfile.TemporaryDirectory() as folder:
