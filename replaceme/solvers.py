@@ -56,7 +56,8 @@ def solve_cosine(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, *, in
                  lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0) -> torch.Tensor:
     """Minimise the mean cosine distance (or MSE) of the pruned stream to the original one."""
     generator = torch.Generator().manual_seed(seed)
-    init = init.to(torch.float32)
+    # A contiguous copy: L-BFGS views the gradient flat, and a solved init may be a transposed view.
+    init = init.to(torch.float32).contiguous()
     param = torch.nn.Parameter(torch.diagonal(init).clone() if diag else init.clone())
 
     def objective(rows: torch.Tensor) -> torch.Tensor:

@@ -110,15 +110,17 @@ def test_lstsq_is_the_ridge_solution_and_handles_singular_systems(caplog):
 
 
 @pytest.mark.parametrize("solver", ["adam", "lbfgs"])
-def test_cosine_solver_lowers_the_cosine_distance(solver):
+@pytest.mark.parametrize("transposed_init", [False, True])
+def test_cosine_solver_lowers_the_cosine_distance(solver, transposed_init):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=generator)
     residual = torch.randn(2000, 8, generator=generator)
     y = x @ (torch.eye(8) + 0.5 * torch.randn(8, 8, generator=generator))
     identity = torch.eye(8, dtype=torch.float64)
+    start = identity.clone().mT if transposed_init else identity  # a least-squares init can be a strided view
 
     def distance(t):
         return float((1 - torch.nn.functional.cosine_similarity(residual + x @ t.float(), residual + y, dim=-1)).mean())
 
-    fitted = solve_cosine(x, y, residual, init=identity, solver=solver, steps=200, lr=1e-2)
+    fitted = solve_cosine(x, y, residual, init=start, solver=solver, steps=200, lr=1e-2)
     assert distance(fitted) < 0.1 * distance(identity)
