@@ -20,6 +20,8 @@ import torch
 
 from replaceme.errors import ReplaceMeError
 
+FOLD_SLAB_ELEMENTS = 1 << 22  # 32 MiB of float64 per slab of the fold
+
 
 @dataclass(frozen=True)
 class Family:
@@ -36,13 +38,17 @@ class Family:
 
     def fold(self, weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
         """Return the fold tensor of layer ``s-1`` with ``transform`` ([hidden, hidden]) applied."""
-        compute = torch.float64
-        t = transform.to(compute)
-        if self.fold_kind == "down_proj":
-            folded = t.T @ weight.to(compute)
-        else:
-            folded = (1.0 + weight.to(compute)) * torch.diagonal(t) - 1.0
-        return folded.to(weight.dtype)
+        t = transform.to(torch.float64)
+        if self.fold_kind == "norm_scale":
+            return ((1.0 + weight.to(torch.float64)) * torch.diagonal(t) - 1.0).to(weight.dtype)
+        # Tᵀ·W in float64, a slab of columns at a time: the float64 working set stays bounded
+        # (a 70B down_proj is 1.9 GB in float64) while the result keeps the checkpoint's dtype.
+        folded = torch.empty_like(weight)
+        step = max(1, FOLD_SLAB_ELEMENTS // weight.shape[0])
+        for start in range(0, weight.shape[1], step):
+            slab = weight[:, start:start + step].to(torch.float64)
+            folded[:, start:start + step] = (t.T @ slab).to(weight.dtype)
+        return folded
 
 
 PRE_NORM = dict(residual_mlp_module="mlp", fold_tensor="mlp.down_proj.weight", fold_kind="down_proj")

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import FAMILY_CONFIGS, build_tiny_model
 from replaceme.checkpoint import Checkpoint
+from replaceme import families
 from replaceme.families import family_for
 from replaceme.merge import merge_checkpoint
 
@@ -85,3 +86,13 @@ def test_untouched_tensors_are_copied_byte_for_byte(tmp_path, tiny_llama):
             assert folded.equal(2 * checkpoint.load("model.layers.2.mlp.down_proj.weight"))
             assert "model.layers.4.mlp.down_proj.weight" not in merged.weight_map
             assert len(merged.shards()) > 1
+
+
+def test_fold_in_slabs_equals_the_whole_product(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 40, generator=generator).to(torch.bfloat16)
+    transform = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    expected = (transform.T @ weight.double()).to(torch.bfloat16)
+    monkeypatch.setattr(families, "FOLD_SLAB_ELEMENTS", 16 * 7)  # slabs of 7 columns, the last one short
+    folded = family_for({"model_type": "llama"}).fold(weight, transform)
+    assert folded.dtype == torch.bfloat16 and torch.equal(folded, expected)
