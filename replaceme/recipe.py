@@ -70,6 +70,8 @@ class Context:
             e = config.eval
             self.eval_texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset,
                                          size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset")
+            if e.lm_eval_tasks:
+                _require_lm_eval()
         self.device = resolve_device(config.device)
 
     @cached_property
@@ -191,8 +193,17 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
         before, tokens = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress).perplexity()
         with Checkpoint(f"{out.uri}/model", field="output_dir") as pruned:
             after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress).perplexity()
-    return {"perplexity_before": before, "perplexity_after": after,
-            "retention": before / after, "eval_tokens": tokens}
+    metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
+    if ctx.config.eval.lm_eval_tasks:
+        metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
+    return metrics
+
+
+def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the pruned model (its datasets come from the Hub)."""
+    results = _require_lm_eval().simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks),
+                                      device=str(device))
+    return results["results"]
 
 
 def evaluate_and_record(ctx: Context, out: OutputDir) -> dict[str, Any]:
@@ -204,6 +215,15 @@ def evaluate_and_record(ctx: Context, out: OutputDir) -> dict[str, Any]:
     report.update(metrics)
     out.write_json("report.json", report)
     return metrics
+
+
+def _require_lm_eval():
+    try:
+        import lm_eval
+    except ImportError:
+        raise ReplaceMeError("eval.lm_eval_tasks: lm-eval is not installed; pip install 'replaceme[eval]' "
+                             "or remove lm_eval_tasks") from None
+    return lm_eval
 
 
 def load_transforms(out: OutputDir) -> dict[Block, torch.Tensor]:

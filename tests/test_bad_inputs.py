@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -107,3 +108,10 @@ def test_gemma_full_map_refused_with_the_reason(tmp_path, tokenizer_dir):
     assert "post_feedforward_layernorm" in message
     report = recipe.run(config_for(model, tmp_path, diag=True), progress=False)
     assert report["perplexity_after"] > 0
+
+
+def test_lm_eval_tasks_need_lm_eval(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    config = config_for(tiny_llama, tmp_path, eval={"dataset": str(EVAL), "lm_eval_tasks": ["hellaswag"]})
+    fails(config, "pip install 'replaceme[eval]'")
+    assert not (tmp_path / "out").exists()
