@@ -4,12 +4,15 @@
   (the paper's default), full or diagonal;
 * :func:`solve_cosine` — the paper's cosine-distance objective between the pruned stream
   ``residual + X·T`` and the original ``residual + Y``, minimised with Adam or L-BFGS over the
-  captured activation rows (``loss: mse`` minimises ``‖X·T − Y‖²`` instead).
+  captured activation rows (``loss: mse`` minimises ``‖X·T − Y‖²`` instead);
+* :func:`solve_cosine_streaming` — the same objective over rows streamed in chunks from the
+  activation store, for row sets larger than memory.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +97,83 @@ def solve_cosine(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, *, in
 def mean_cosine_distance(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, transform: torch.Tensor) -> float:
     t = transform.to(torch.float32)
     return float((1 - torch.nn.functional.cosine_similarity(residual + x @ t, residual + y, dim=-1)).mean())
+
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, init: torch.Tensor,
+                           loss: str = "cosine", solver: str = "adam", diag: bool = False, steps: int = 300,
+                           lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0) -> torch.Tensor:
+    """:func:`solve_cosine` over rows that do not fit in memory: ``rows()`` starts a fresh pass over
+    ``(x, y, residual)`` chunks (e.g. :meth:`replaceme.activations.ActivationStore.iter_rows`).
+
+    * L-BFGS needs the full-batch objective: its closure sums loss and gradient chunk by chunk over
+      one pass and divides by the row count, which is exactly the mean :func:`solve_cosine` uses.
+    * Adam takes ``batch_tokens``-row minibatches from successive passes, each chunk shuffled with
+      the seeded generator (rows are mixed within a chunk, not across chunks), until ``steps``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    init = init.to(torch.float32).contiguous()
+    if init.shape != (hidden, hidden):
+        raise ValueError(f"init must be [{hidden}, {hidden}], got {tuple(init.shape)}")
+    param = torch.nn.Parameter(torch.diagonal(init).clone() if diag else init.clone())
+
+    def summed(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        t = torch.diag(param) if diag else param
+        if loss == "mse":
+            return (x @ t - y).square().sum()
+        return (1 - torch.nn.functional.cosine_similarity(residual + x @ t, residual + y, dim=-1)).sum()
+
+    def empty() -> ReplaceMeError:
+        return ReplaceMeError("dataset: no activation rows reached the cosine solver; the calibration set is empty")
+
+    if solver == "lbfgs":
+        optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            total, count = 0.0, 0
+            for x, y, residual in rows():
+                value = summed(x.float(), y.float(), residual.float())
+                value.backward()
+                total += float(value.detach())
+                count += x.shape[0]
+            if count == 0:
+                raise empty()
+            param.grad /= count
+            return torch.tensor(total / count)
+
+        optimizer.step(closure)
+    else:
+        optimizer = torch.optim.Adam([param], lr=lr)
+
+        def step(batch: list[torch.Tensor]) -> None:
+            optimizer.zero_grad()
+            (summed(*batch) / batch[0].shape[0]).backward()
+            optimizer.step()
+
+        done = 0
+        while done < steps:
+            seen = 0
+            carry: list[torch.Tensor] | None = None
+            for chunk in rows():
+                order = torch.randperm(chunk[0].shape[0], generator=generator)
+                chunk = [c.float()[order] for c in chunk]
+                carry = chunk if carry is None else [torch.cat(pair) for pair in zip(carry, chunk)]
+                seen += order.numel()
+                while carry[0].shape[0] >= batch_tokens and done < steps:
+                    step([c[:batch_tokens] for c in carry])
+                    carry = [c[batch_tokens:] for c in carry]
+                    done += 1
+                if done == steps:
+                    break
+            if seen == 0:
+                raise empty()
+            if done < steps and carry is not None and carry[0].shape[0]:  # the pass's short last batch
+                step(carry)
+                done += 1
+    result = torch.diag(param.detach()) if diag else param.detach()
+    if not torch.isfinite(result).all():
+        raise ReplaceMeError(f"the {solver} solver diverged (non-finite map); lower cosine.lr or use solver: lbfgs")
+    return result.to(torch.float64)
