@@ -1,0 +1,1 @@
+"""Calibration and merge on a Ray cluster (``pip install 'replaceme[ray]'``)."""
