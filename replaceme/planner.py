@@ -1,0 +1,368 @@
+"""``replaceme plan``: what a distributed calibration will need, from the model's config.json alone.
+
+Reserving a Ray cluster for a 70B model is slow and expensive, so a user should know before
+submitting how many GPUs and nodes a config asks for, whether each pipeline stage fits on one
+GPU, how much the activation store will receive and how many FLOPs the calibration costs. The
+model is built on the meta device (shapes only, no weights are read) and the numbers follow from
+the config. Every formula is a deliberate, documented estimate:
+
+- Needed layers: ``0 .. max(e) - 1`` of the explicit ``blocks``; without blocks, the worst case
+  of selection, all ``num_hidden_layers`` layers. Final norm and LM head are never needed.
+- Stages: the needed layers cut into ``engine.stages`` contiguous ranges, the largest
+  parameter bytes as small as possible; stage 0 also holds the embeddings.
+- Memory of a stage = parameter bytes in the compute dtype
+  + activations ``in_flight × batch_size × max_length × hidden × dtype bytes × 2`` (input, output)
+  + accumulators ``2 × hidden² × 8`` (float64 XᵀX, XᵀY) per block whose last layer ``e-1`` is in the
+  stage (without explicit blocks: ``min(num_A, layers in the stage)``, the worst case).
+  The transient working memory of one layer's forward is not counted.
+- Compute dtype: ``compute_dtype`` when set; otherwise what the run resolves on the stage's device:
+  the checkpoint dtype (config ``dtype``/``torch_dtype``) on GPU stages, float32 on CPU stages
+  (``engine.gpus_per_stage: 0`` or ``device: cpu``). The planning machine's own devices are ignored.
+- GPUs = replicas × stages × gpus_per_stage, CPUs = replicas × stages × cpus_per_stage. A stage
+  actor runs on one node, so nodes = ceil(replicas × stages / floor(gpus_per_node / gpus_per_stage)),
+  which is ceil(GPUs / gpus_per_node) whenever gpus_per_stage divides gpus_per_node.
+- Tokens = ``--tokens`` when given, else dataset_size × max_length (an upper bound: padding is not
+  counted by the run). Rows = dataset_size, else ceil(tokens / max_length); batches =
+  ceil(rows / batch_size); shards = ceil(batches / engine.batches_per_shard).
+- Activation store (``activations.uri`` set): rows ``blocks × tokens × 3 × hidden × 2`` (x, y,
+  residual as 16-bit floats; only with ``activations.save_rows``) + statistics
+  ``blocks × shards × 2 × hidden² × 8`` (per-shard float64 partials; their few bytes of metadata
+  are not counted).
+- Forward FLOPs (the Chinchilla convention, Hoffmann et al. 2022, app. F): matmul
+  ``2 × (weights of the linear layers in the needed layers) × tokens`` + attention
+  ``2 × 2 × tokens × max_length × d_attn`` per needed layer (scores QKᵀ and the weighted sum of
+  values; d_attn = heads × head_dim, the hidden size for Llama; causal masking not discounted;
+  norms, softmax, activations and biases not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from replaceme.blocks import check_blocks
+from replaceme.checkpoint import Checkpoint
+from replaceme.config import ReplaceMeConfig
+from replaceme.errors import ReplaceMeError
+from replaceme.families import check_estimator, family_for
+from replaceme.storage import fsspec_options
+
+Block = tuple[int, int]
+GB = 10**9
+ACCUMULATOR_BYTES_PER_HIDDEN2 = 2 * 8  # XᵀX and XᵀY, float64
+STORE_COLUMNS, STORE_BYTES = 3, 2  # x, y, residual as 16-bit floats
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts of a model, read off its meta-device build."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    attention_width: int  # heads × head_dim: the width of QKᵀ and of the attention-weighted values
+    checkpoint_dtype: str
+    embedding_params: int
+    layer_params: tuple[int, ...]
+    layer_matmul_params: tuple[int, ...]  # weights of nn.Linear modules (what costs FLOPs)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    layers: Block  # half-open [first, last + 1)
+    params: int
+    param_bytes: int
+    activation_bytes: int
+    accumulator_blocks: int
+    accumulator_bytes: int
+    total_bytes: int
+    fits_one_gpu: bool
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    uri: str
+    rows_bytes: int
+    statistics_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class FlopsPlan:
+    matmul: int
+    attention: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_path: str
+    model: ModelShape
+    compute_dtype: str
+    compute_dtype_reason: str
+    blocks: list[Block] | None  # None: selected by distance, planned for the worst case
+    num_blocks: int
+    needed_layers: int
+    tokens: int
+    tokens_source: str
+    rows: int
+    batches: int
+    shards: int
+    replicas: int
+    stages: list[StagePlan]
+    gpus: float
+    cpus: float
+    gpus_per_node: int
+    nodes: int
+    gpu_memory_gb: float
+    every_stage_fits: bool
+    activation_store: StorePlan | None
+    flops: FlopsPlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def model_shape(model_config: dict[str, Any], field: str = "model_path") -> ModelShape:
+    """Build the model on the meta device (no memory, no weights) and count its parameters."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf = AutoConfig.for_model(**model_config)
+        with init_empty_weights(include_buffers=True):
+            decoder = AutoModelForCausalLM.from_config(hf).get_decoder()
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ReplaceMeError(f"{field}: config.json does not describe a buildable {model_config.get('model_type')} model ({exc})") from None
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return ModelShape(
+        model_type=model_config["model_type"],
+        num_layers=len(decoder.layers),
+        hidden_size=hf.hidden_size,
+        attention_width=hf.num_attention_heads * head_dim,
+        checkpoint_dtype=_checkpoint_dtype(model_config, field),
+        embedding_params=decoder.embed_tokens.weight.numel(),
+        layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
+        layer_matmul_params=tuple(
+            sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)) for layer in decoder.layers
+        ),
+    )
+
+
+def _checkpoint_dtype(model_config: dict[str, Any], field: str) -> str:
+    name = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    if name not in FLOAT_DTYPES:
+        raise ReplaceMeError(f"{field}: config.json gives dtype {name!r}, not a float dtype the planner knows "
+                             f"({', '.join(FLOAT_DTYPES)}); set compute_dtype explicitly")
+    return name
+
+
+def compute_dtype(config: ReplaceMeConfig, checkpoint_dtype: str) -> tuple[str, str]:
+    """The dtype the stages will compute in, and why (mirrors ``layerwise.resolve_dtype`` on the
+    stage's device, not on the machine that plans)."""
+    if config.compute_dtype != "auto":
+        return config.compute_dtype, "compute_dtype"
+    if config.device == "cpu" or config.engine.gpus_per_stage == 0:
+        return "float32", "auto on CPU stages"
+    return checkpoint_dtype, "checkpoint dtype on GPU stages"
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+
+def split_stages(weights: list[int], stages: int) -> list[Block]:
+    """Cut ``weights`` (one per layer) into ``stages`` contiguous non-empty ranges whose largest
+    sum is as small as possible: binary search on that largest sum, then a greedy packing."""
+    if not 1 <= stages <= len(weights):
+        raise ValueError(f"cannot cut {len(weights)} layers into {stages} stages")
+    low, high = max(weights), sum(weights)
+    while low < high:
+        cap = (low + high) // 2
+        if len(_pack(weights, cap, stages)) <= stages:
+            high = cap
+        else:
+            low = cap + 1
+    return _pack(weights, low, stages)
+
+
+def _pack(weights: list[int], cap: int, stages: int) -> list[Block]:
+    """Fill each range up to ``cap``, closing early only to leave one layer per remaining stage.
+
+    Gives exactly ``stages`` ranges when ``cap`` is achievable, more when it is too small."""
+    ranges: list[Block] = []
+    start, load = 0, 0
+    for i, weight in enumerate(weights):
+        stages_after = stages - len(ranges) - 1
+        if i > start and (load + weight > cap or len(weights) - i == stages_after):
+            ranges.append((start, i))
+            start, load = i, 0
+        load += weight
+    return [*ranges, (start, len(weights))]
+
+
+def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] | None, needed: int,
+                 dtype_bytes: int, gpu_memory_gb: float) -> list[StagePlan]:
+    params = list(shape.layer_params[:needed])
+    params[0] += shape.embedding_params
+    e = config.engine
+    activation = e.in_flight * config.batch_size * config.max_length * shape.hidden_size * dtype_bytes * 2
+    accumulator = ACCUMULATOR_BYTES_PER_HIDDEN2 * shape.hidden_size**2
+    plans = []
+    for index, (first, end) in enumerate(split_stages(params, e.stages)):
+        if blocks is None:
+            ending = min(config.num_A, end - first)
+        else:
+            ending = sum(first <= block_end - 1 < end for _, block_end in blocks)
+        stage_params = sum(params[first:end])
+        total = stage_params * dtype_bytes + activation + ending * accumulator
+        plans.append(StagePlan(index, (first, end), stage_params, stage_params * dtype_bytes, activation,
+                               ending, ending * accumulator, total, total <= gpu_memory_gb * GB))
+    return plans
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+def plan(config: ReplaceMeConfig, *, tokens: int | None = None, gpus_per_node: int = 8,
+         gpu_memory_gb: float = 80.0) -> Plan:
+    """Plan from the config.json at ``config.model_path`` (local folder or fsspec URI)."""
+    options = fsspec_options(config.model_path, config.storage.endpoint_url, config.storage.options)
+    checkpoint = Checkpoint(config.model_path, storage_options=options, allow_pickle=config.allow_pickle)
+    return build_plan(checkpoint.config, config, tokens=tokens, gpus_per_node=gpus_per_node,
+                      gpu_memory_gb=gpu_memory_gb)
+
+
+def build_plan(model_config: dict[str, Any], config: ReplaceMeConfig, *, tokens: int | None = None,
+               gpus_per_node: int = 8, gpu_memory_gb: float = 80.0) -> Plan:
+    """Plan from an already read config.json (see the module docstring for every formula)."""
+    check_estimator(family_for(model_config), config.diag)
+    shape = model_shape(model_config)
+    blocks, needed, num_blocks = _blocks(config, shape.num_layers)
+    e = config.engine
+    if e.stages > needed:
+        raise ReplaceMeError(f"engine.stages: {e.stages} stages but only {needed} layers are needed; use at most {needed}")
+    dtype, reason = compute_dtype(config, shape.checkpoint_dtype)
+    total_tokens, source = _tokens(config, tokens)
+    rows = config.dataset_size or math.ceil(total_tokens / config.max_length)
+    batches = math.ceil(rows / config.batch_size)
+    shards = math.ceil(batches / e.batches_per_shard)
+    stages = _stage_plans(shape, config, blocks, needed, FLOAT_DTYPES[dtype].itemsize, gpu_memory_gb)
+    return Plan(
+        model_path=config.model_path, model=shape, compute_dtype=dtype, compute_dtype_reason=reason,
+        blocks=blocks, num_blocks=num_blocks, needed_layers=needed, tokens=total_tokens, tokens_source=source,
+        rows=rows, batches=batches, shards=shards, replicas=e.replicas, stages=stages,
+        gpus=e.replicas * e.stages * e.gpus_per_stage, cpus=e.replicas * e.stages * e.cpus_per_stage,
+        gpus_per_node=gpus_per_node, nodes=_nodes(e.replicas * e.stages, e.gpus_per_stage, gpus_per_node),
+        gpu_memory_gb=gpu_memory_gb, every_stage_fits=all(s.fits_one_gpu for s in stages),
+        activation_store=_store(config, shape.hidden_size, num_blocks, total_tokens, shards),
+        flops=_flops(shape, needed, total_tokens, config.max_length),
+    )
+
+
+def _blocks(config: ReplaceMeConfig, num_layers: int) -> tuple[list[Block] | None, int, int]:
+    """(explicit blocks or None, layers needed, number of blocks): the worst case without blocks."""
+    if config.blocks:
+        blocks = check_blocks(config.blocks, num_layers, config.merge_consecutive)
+        return blocks, max(end for _, end in blocks), len(blocks)
+    if config.layers_to_skip >= num_layers:
+        raise ReplaceMeError(f"layers_to_skip: {config.layers_to_skip} must be smaller than the model's {num_layers} layers")
+    return None, num_layers, config.num_A
+
+
+def _tokens(config: ReplaceMeConfig, tokens: int | None) -> tuple[int, str]:
+    if tokens is not None:
+        return tokens, "--tokens"
+    if config.dataset_size is not None:
+        return config.dataset_size * config.max_length, f"dataset_size {config.dataset_size} × max_length {config.max_length}"
+    raise ReplaceMeError("dataset_size is not set, so the number of calibration tokens is unknown; "
+                         "pass --tokens N or set dataset_size")
+
+
+def _nodes(actors: int, gpus_per_stage: float, gpus_per_node: int) -> int:
+    """Nodes for ``actors`` stage actors; an actor's GPUs are on one node."""
+    if gpus_per_stage == 0:
+        return 0
+    if gpus_per_stage > gpus_per_node:
+        raise ReplaceMeError(f"engine.gpus_per_stage: {gpus_per_stage:g} GPUs do not fit on one node of "
+                             f"{gpus_per_node} GPUs (--gpus-per-node); a stage actor runs on one node")
+    per_node = math.floor(gpus_per_node / gpus_per_stage + 1e-9)
+    return math.ceil(actors / per_node)
+
+
+def _store(config: ReplaceMeConfig, hidden: int, blocks: int, tokens: int, shards: int) -> StorePlan | None:
+    if config.activations.uri is None:
+        return None
+    rows = blocks * tokens * STORE_COLUMNS * hidden * STORE_BYTES if config.activations.save_rows else 0
+    statistics = blocks * shards * ACCUMULATOR_BYTES_PER_HIDDEN2 * hidden**2
+    return StorePlan(config.activations.uri, rows, statistics, rows + statistics)
+
+
+def _flops(shape: ModelShape, needed: int, tokens: int, max_length: int) -> FlopsPlan:
+    matmul = 2 * sum(shape.layer_matmul_params[:needed]) * tokens
+    attention = 2 * 2 * tokens * max_length * shape.attention_width * needed
+    return FlopsPlan(matmul, attention, matmul + attention)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def to_json(result: Plan) -> str:
+    return json.dumps(result.to_dict(), indent=2)
+
+
+def format_plan(result: Plan) -> str:
+    """The plan as a plain-text table, each estimate with the formula behind it."""
+    p, m = result, result.model
+    if p.blocks is None:
+        blocks = f"selected by distance: planned for the worst case, {p.num_blocks} block(s) and all {m.num_layers} layers"
+    else:
+        blocks = f"{[list(b) for b in p.blocks]}: layers [0, {p.needed_layers}) of {m.num_layers} needed"
+    lines = [
+        f"plan for {p.model_path}",
+        f"model        {m.model_type}, {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"compute dtype {p.compute_dtype} ({p.compute_dtype_reason})",
+        f"blocks       {blocks}",
+        f"calibration  {p.tokens:,} tokens ({p.tokens_source}); {p.rows:,} rows, {p.batches:,} batches, {p.shards:,} shards",
+        f"pipeline     {p.replicas} replica(s) × {len(p.stages)} stage(s)",
+        "",
+        f"{'stage':>5}  {'layers':<10} {'params':>14} {'weights':>12} {'activations':>12} "
+        f"{'blocks':>6} {'accumulators':>12} {'total':>12}  fits one {p.gpu_memory_gb:g} GB GPU",
+    ]
+    for s in p.stages:
+        lines.append(
+            f"{s.index:>5}  {f'[{s.layers[0]}, {s.layers[1]})':<10} {s.params:>14,} {_gb(s.param_bytes):>12} "
+            f"{_gb(s.activation_bytes):>12} {s.accumulator_blocks:>6} {_gb(s.accumulator_bytes):>12} "
+            f"{_gb(s.total_bytes):>12}  {'yes' if s.fits_one_gpu else 'NO'}"
+        )
+    lines += [
+        "       stage 0 includes the embeddings; total = weights + activations (in_flight × batch_size × "
+        "max_length × hidden × dtype bytes × 2) + accumulators (blocks ending in the stage × 2 × hidden² × 8)",
+        "",
+        f"resources    {p.gpus:g} GPUs, {p.cpus:g} CPUs (replicas × stages × per stage), "
+        + (f"{p.nodes} node(s) of {p.gpus_per_node} GPUs" if p.gpus else "no GPU nodes (engine.gpus_per_stage is 0)"),
+        f"store        {_format_store(p.activation_store)}",
+        f"flops        {p.flops.total:.3e} forward = matmul {p.flops.matmul:.3e} (2 × linear weights × tokens) "
+        f"+ attention {p.flops.attention:.3e} (4 × tokens × max_length × d_attn {m.attention_width} × {p.needed_layers} layers)",
+    ]
+    return "\n".join(lines)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GB:,.2f} GB"
+
+
+def _format_store(store: StorePlan | None) -> str:
+    if store is None:
+        return "none (activations.uri is not set)"
+    return (f"{_gb(store.total_bytes)} to {store.uri} = rows {_gb(store.rows_bytes)} (blocks × tokens × 3 × hidden × 2) "
+            f"+ statistics {_gb(store.statistics_bytes)} (blocks × shards × 2 × hidden² × 8)")

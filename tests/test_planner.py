@@ -1,0 +1,179 @@
+"""``replaceme plan`` on a Llama-3-70B-shaped config.json (no weights), checked against hand counts."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from conftest import write_config
+from replaceme.cli import main
+from replaceme.config import validate_config
+from replaceme.errors import ReplaceMeError
+from replaceme.planner import plan, split_stages
+
+# --- Llama 3 70B, counted by hand ------------------------------------------------------------------
+H, I, VOCAB, LAYERS = 8192, 28672, 128256, 80
+KV = H // 8  # 8 KV heads of 128 of 64 heads: k and v project to h/8 (GQA)
+ATTENTION = H * H + 2 * H * KV + H * H  # q, k, v, o
+MLP = 3 * H * I  # gate, up, down
+LINEAR = ATTENTION + MLP  # 855,638,016 weights that cost matmul FLOPs
+LAYER = LINEAR + 2 * H  # + input and post-attention RMSNorm
+EMBEDDINGS = VOCAB * H
+BF16 = 2
+ACCUMULATOR = 2 * H * H * 8  # float64 XᵀX and XᵀY of one block
+
+LLAMA3_70B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=LAYERS, hidden_size=H,
+    intermediate_size=I, num_attention_heads=64, num_key_value_heads=8, vocab_size=VOCAB, torch_dtype="bfloat16",
+    rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    bos_token_id=128000, eos_token_id=128001,
+)
+
+
+def test_hand_count_is_llama_3_70b():
+    assert LAYER == 855_654_400
+    assert LAYERS * LAYER + 2 * EMBEDDINGS + H == 70_553_706_496  # + lm_head and final norm: the published 70.6B
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "llama-3-70b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_70B))
+    return folder
+
+
+def config(model_dir, **values):
+    return validate_config({"model_path": str(model_dir), "dataset": "never-read.jsonl", **values})
+
+
+def test_explicit_block_two_replicas_three_stages(model_dir):
+    c = config(model_dir, blocks=[[50, 60]], dataset_size=2048, max_length=512, batch_size=8,
+               engine=dict(backend="ray", replicas=2, stages=3, gpus_per_stage=1, in_flight=4, batches_per_shard=4),
+               activations=dict(uri="s3://bucket/acts"))
+    p = plan(c)
+    assert p.model.layer_params == (LAYER,) * LAYERS and p.model.embedding_params == EMBEDDINGS
+    assert p.compute_dtype == "bfloat16" and p.needed_layers == 60  # block [50, 60) ends at layer 59
+
+    # 60 layers + embeddings (1.23 layers) in 3 stages: the largest can be no smaller than 21 layers,
+    # since below that stage 0 holds at most 19 (embeddings + 20 > 21) and the others 20 each: 59 < 60.
+    assert [s.layers for s in p.stages] == [(0, 19), (19, 40), (40, 60)]
+    assert [s.params for s in p.stages] == [EMBEDDINGS + 19 * LAYER, 21 * LAYER, 20 * LAYER]
+    activations = 4 * 8 * 512 * H * BF16 * 2  # in flight × batch × length × hidden × bytes × (in, out)
+    assert activations == 536_870_912
+    assert [s.accumulator_blocks for s in p.stages] == [0, 0, 1]
+    assert [s.total_bytes for s in p.stages] == [
+        (EMBEDDINGS + 19 * LAYER) * BF16 + activations,
+        21 * LAYER * BF16 + activations,
+        20 * LAYER * BF16 + activations + ACCUMULATOR,
+    ]
+    assert p.every_stage_fits
+
+    tokens = 2048 * 512
+    assert (p.tokens, p.rows, p.batches, p.shards) == (tokens, 2048, 2048 // 8, 2048 // 8 // 4)
+    assert (p.gpus, p.cpus, p.nodes) == (6, 6, 1)
+    assert p.activation_store.rows_bytes == tokens * 3 * H * 2 == 51_539_607_552
+    assert p.activation_store.statistics_bytes == 64 * ACCUMULATOR == 68_719_476_736
+    assert p.flops.matmul == 2 * 60 * LINEAR * tokens
+    assert p.flops.attention == 2 * 2 * tokens * 512 * H * 60
+    assert p.flops.total == p.flops.matmul + p.flops.attention
+
+    tight = plan(c, gpu_memory_gb=36)  # stage 1 needs 36.47 GB
+    assert [s.fits_one_gpu for s in tight.stages] == [True, False, True] and not tight.every_stage_fits
+
+
+def test_selected_blocks_plan_the_worst_case(model_dir):
+    c = config(model_dir, num_A=2, layers_to_skip=8, max_length=2048, batch_size=4,
+               engine=dict(replicas=4, stages=8, gpus_per_stage=2, cpus_per_stage=4, batches_per_shard=8))
+    p = plan(c, tokens=4_000_000, gpus_per_node=8)
+    assert p.blocks is None and p.needed_layers == LAYERS and p.num_blocks == 2
+    # cap 11 layers: stage 0 takes 9 (+ embeddings = 10.23 layers), the rest 11 each, the last what is left
+    assert [s.layers for s in p.stages] == [(0, 9), (9, 20), (20, 31), (31, 42), (42, 53), (53, 64), (64, 75), (75, 80)]
+    assert all(s.accumulator_blocks == 2 for s in p.stages)  # either selected block may end in any stage
+    assert p.stages[-1].total_bytes == 5 * LAYER * BF16 + 4 * 4 * 2048 * H * BF16 * 2 + 2 * ACCUMULATOR
+    assert (p.tokens, p.tokens_source, p.rows) == (4_000_000, "--tokens", math.ceil(4_000_000 / 2048)) == (4_000_000, "--tokens", 1954)
+    assert (p.batches, p.shards) == (489, 62)  # ceil(1954 / 4), ceil(489 / 8)
+    assert (p.gpus, p.cpus) == (4 * 8 * 2, 4 * 8 * 4)
+    assert p.nodes == 8  # 4 stage actors of 2 GPUs per 8-GPU node
+    assert p.activation_store is None
+    assert p.flops.total == 2 * 80 * LINEAR * 4_000_000 + 4 * 4_000_000 * 2048 * H * 80
+
+
+def test_compute_dtype_follows_the_stage_device(model_dir):
+    cpu = plan(config(model_dir, blocks=[[2, 4]], dataset_size=16))  # gpus_per_stage 0: float32, as the run would
+    assert (cpu.compute_dtype, cpu.nodes, cpu.gpus) == ("float32", 0, 0)
+    assert cpu.stages[0].param_bytes == (EMBEDDINGS + 4 * LAYER) * 4
+    explicit = plan(config(model_dir, blocks=[[2, 4]], dataset_size=16, compute_dtype="float16",
+                           engine=dict(gpus_per_stage=1)))
+    assert explicit.compute_dtype == "float16" and explicit.stages[0].param_bytes == (EMBEDDINGS + 4 * LAYER) * 2
+
+
+def test_nodes_pack_whole_stage_actors(model_dir):
+    c = config(model_dir, dataset_size=16, engine=dict(replicas=5, stages=1, gpus_per_stage=3))
+    assert plan(c).nodes == 3  # 2 actors of 3 GPUs per 8-GPU node; ceil(15 GPUs / 8) would say 2
+
+
+def test_split_stages_is_minimax_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(50):
+        weights = [rng.randint(1, 20) for _ in range(rng.randint(1, 9))]
+        stages = rng.randint(1, len(weights))
+        ranges = split_stages(weights, stages)
+        assert len(ranges) == stages and ranges[0][0] == 0 and ranges[-1][1] == len(weights)
+        assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, [*ranges[1:], (len(weights), 0)]))
+        best = min(
+            max(sum(weights[a:b]) for a, b in zip((0, *cuts), (*cuts, len(weights))))
+            for cuts in itertools.combinations(range(1, len(weights)), stages - 1)
+        )
+        assert max(sum(weights[a:b]) for a, b in ranges) == best
+
+
+def test_cli_plan_json_and_table(model_dir, tmp_path, capsys):
+    job = write_config(tmp_path / "job.yaml", model_path=str(model_dir), dataset="never-read.jsonl",
+                       blocks=[[50, 60]], engine=dict(replicas=2, stages=3, gpus_per_stage=1))
+    assert main(["plan", "-c", str(job), "--tokens", "1048576", "--json", "--set", "activations.uri=file:///acts"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["layers"] for s in data["stages"]] == [[0, 19], [19, 40], [40, 60]]
+    assert data["stages"][2]["accumulator_bytes"] == ACCUMULATOR
+    assert (data["gpus"], data["nodes"], data["tokens"], data["rows"]) == (6, 1, 1048576, 2048)
+    assert data["activation_store"]["total_bytes"] == 1048576 * 3 * H * 2 + 64 * ACCUMULATOR
+    assert data["flops"]["total"] == 2 * 60 * LINEAR * 1048576 + 4 * 1048576 * 512 * H * 60
+
+    assert main(["plan", "-c", str(job), "--tokens", "1048576", "--gpu-memory-gb", "40"]) == 0
+    table = capsys.readouterr().out
+    assert "fits one 40 GB GPU" in table and "[19, 40)" in table and "6 GPUs" in table
+    assert "2 × linear weights × tokens" in table
+
+
+@pytest.mark.parametrize("values, args, message", [
+    (dict(blocks=[[1, 3]], engine=dict(stages=4)), ["--tokens", "10"],
+     "engine.stages: 4 stages but only 3 layers are needed; use at most 3"),
+    (dict(blocks=[[1, 3]]), [], "dataset_size is not set, so the number of calibration tokens is unknown; "
+     "pass --tokens N or set dataset_size"),
+    (dict(dataset_size=8, engine=dict(gpus_per_stage=16)), [], "engine.gpus_per_stage: 16 GPUs do not fit on one "
+     "node of 8 GPUs (--gpus-per-node); a stage actor runs on one node"),
+    (dict(dataset_size=8, blocks=[[70, 81]]), [], "blocks: [70, 81] ends past the model's last layer (80 layers, 0..79)"),
+])
+def test_bad_plans_are_one_line_errors(model_dir, tmp_path, capsys, values, args, message):
+    job = write_config(tmp_path / "job.yaml", model_path=str(model_dir), dataset="never-read.jsonl", **values)
+    assert main(["plan", "-c", str(job), *args]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_missing_config_json_unsupported_family_and_unfoldable_map(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReplaceMeError, match=r"^model_path: .*empty has no config.json"):
+        plan(config(empty, dataset_size=8))
+    (empty / "config.json").write_text(json.dumps({**LLAMA3_70B, "model_type": "gpt2"}))
+    with pytest.raises(ReplaceMeError, match=r"^model_path: model_type 'gpt2' is not supported; supported: gemma2"):
+        plan(config(empty, dataset_size=8))
+    (empty / "config.json").write_text(json.dumps({**LLAMA3_70B, "model_type": "gemma2"}))
+    with pytest.raises(ReplaceMeError, match=r"^diag: gemma2 normalises the MLP output"):  # the run would refuse it
+        plan(config(empty, dataset_size=8))
