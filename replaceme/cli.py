@@ -1,4 +1,4 @@
-"""Command line: ``replaceme run | profile | calibrate | solve | merge | evaluate``.
+"""Command line: ``replaceme run | profile | calibrate | solve | merge | evaluate | plan``.
 
 Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides (values
 parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line, no
@@ -25,6 +25,7 @@ COMMANDS = {
     "solve": "re-solve the maps from saved statistics, e.g. with another alpha, without running the model",
     "merge": "fold the maps into a pruned copy of the checkpoint (model/)",
     "evaluate": "perplexity of the source and the pruned model on the eval text (report.json)",
+    "plan": "GPUs, nodes, memory per stage, stored bytes and FLOPs of a distributed calibration, from config.json alone",
 }
 
 
@@ -43,7 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config key; the value is parsed as YAML (repeatable)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
         sub.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        if name == "plan":
+            _add_plan_arguments(sub)
     return parser
+
+
+def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_argument("--tokens", type=_positive(int), metavar="N",
+                     help="calibration tokens; overrides dataset_size x max_length, required without dataset_size")
+    sub.add_argument("--gpus-per-node", type=_positive(int), default=8, metavar="N", help="GPUs per node (default 8)")
+    sub.add_argument("--gpu-memory-gb", type=_positive(float), default=80.0, metavar="GB",
+                     help="memory of one GPU in GB of 10^9 bytes (default 80)")
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +87,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
     config = load_config(args.config, overrides)
+    if args.command == "plan":
+        return _plan(config, args)
     progress = not args.quiet
     if args.command == "run":
         report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
         print(summary(report, config.output_dir))
         return 0
     ctx = recipe.Context(config, progress=progress)
-    out = OutputDir(config.output_dir)
+    out = OutputDir(config.output_dir, ctx.output_options)
     if args.command == "profile":
         print(json.dumps({"blocks": recipe.profile(ctx, out)}))
     elif args.command == "calibrate":
@@ -82,6 +108,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"pruned model written to {out.uri}/model")
     elif args.command == "evaluate":
         print(json.dumps(recipe.evaluate_and_record(ctx, out), indent=2))
+    return 0
+
+
+def _plan(config: Any, args: argparse.Namespace) -> int:
+    """Reads only config.json: no data, tokenizer or weights (recipe.Context would load them)."""
+    from replaceme.planner import format_plan, plan, to_json
+
+    result = plan(config, tokens=args.tokens, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb)
+    print(to_json(result) if args.json else format_plan(result))
     return 0
 
 

@@ -53,6 +53,40 @@ class CosineOptions(_Strict):
     init: Literal["lstsq", "identity"] = "lstsq"
 
 
+class EngineConfig(_Strict):
+    """Where calibration runs: in this process, or on a Ray cluster as pipelined stage actors."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        default=None,
+        description="Ray address: null starts (or, inside a Ray job, joins) a cluster; 'auto' or host:port joins one",
+    )
+    replicas: int = Field(default=1, ge=1, description="pipelines, each taking a disjoint share of the calibration set")
+    stages: int = Field(default=1, ge=1, description="actors per pipeline, each holding a contiguous range of layers")
+    gpus_per_stage: float = Field(default=0.0, ge=0.0)
+    cpus_per_stage: float = Field(default=1.0, gt=0.0)
+    batches_per_shard: int = Field(default=4, ge=1, description="calibration batches per data shard (unit of retry and resume)")
+    in_flight: int = Field(default=4, ge=1, description="micro-batches in flight per pipeline")
+    resource_timeout_s: float = Field(default=120.0, gt=0.0, description="how long to wait for the cluster to grant resources")
+    max_retries: int = Field(default=3, ge=0, description="attempts per data shard after a worker dies")
+    merge_workers: int = Field(default=1, ge=1, description="Ray tasks writing output shards in parallel (1: in this process)")
+
+
+class StorageConfig(_Strict):
+    """fsspec options for object-store URIs (s3://…); credentials are best left to the AWS environment."""
+
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra fsspec options (secrets are redacted)")
+
+
+class ActivationsConfig(_Strict):
+    """Where a distributed run keeps per-shard statistics and the (X, Y) rows of every block."""
+
+    uri: str | None = Field(default=None, description="file://… or s3://… folder; unset keeps everything in memory")
+    row_group_rows: int = Field(default=8192, ge=1, description="token rows per Parquet row group")
+    save_rows: bool = Field(default=True, description="write (X, Y) rows, not only the statistics")
+
+
 class ReplaceMeConfig(_Strict):
     # --- reference keys --------------------------------------------------------------------
     method: Literal["lstsq", "cosine"] = "lstsq"
@@ -92,6 +126,13 @@ class ReplaceMeConfig(_Strict):
     overwrite: bool = False
     allow_pickle: bool = False
     seed: int = 0
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
+    run_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",
+    )
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -134,7 +175,15 @@ class ReplaceMeConfig(_Strict):
         data = self.model_dump(mode="json")
         if self.token is not None:
             data["token"] = "***"
+        data["storage"]["options"] = {k: _redact(k, v) for k, v in self.storage.options.items()}
         return data
+
+
+SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def _redact(key: str, value: Any) -> Any:
+    return "***" if any(word in key.lower() for word in SECRET_WORDS) else value
 
 
 # --- loading -----------------------------------------------------------------------------------

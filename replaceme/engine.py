@@ -214,8 +214,15 @@ class LocalEngine:
 
     def _apply(self, stream: list[torch.Tensor], x: list[torch.Tensor], transform: torch.Tensor) -> list[torch.Tensor]:
         """The stream after layer s-1 once the map is folded in: ``h − X + X·T``."""
-        t = transform.to(device=stream[0].device, dtype=torch.float32)
-        return [(h.float() - xb.float() + xb.float() @ t).to(h.dtype) for h, xb in zip(stream, x)]
+        return [apply_map(h, xb, transform) for h, xb in zip(stream, x)]
+
+
+def apply_map(h: torch.Tensor, x: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """``h − X + X·T`` in float64, rounded once to the stream's dtype: maps that differ by round-off
+    (solved from sums added in another order, e.g. by another engine) give the same stream."""
+    t = transform.to(device=h.device, dtype=torch.float64)
+    x64 = x.to(torch.float64)
+    return (h.to(torch.float64) - x64 + x64 @ t).to(h.dtype)
 
 
 def _mean_angular_distance(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:

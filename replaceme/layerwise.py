@@ -140,11 +140,16 @@ class LayerwiseModel:
 
     # --- weights -----------------------------------------------------------------------------
 
-    @contextmanager
-    def layer(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` with its weights loaded from the shards; freed on exit."""
+    def load_layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` with its weights read from the shards."""
         module = copy.deepcopy(self._meta_layers[index])
         self._materialise(module, f"{self.layer_prefix}{index}.")
+        return module
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index``, loaded for the duration of the ``with`` block and then freed."""
+        module = self.load_layer(index)
         try:
             yield module
         finally:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from replaceme.errors import ReplaceMeError
 
@@ -73,9 +74,7 @@ class OutputDir:
             self.fs.rm(staging, recursive=True)
         self.fs.makedirs(staging, exist_ok=True)
         yield staging
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
-        self.fs.mv(staging, final, recursive=True)
+        publish(self.fs, staging, final)
 
 
 @contextmanager
@@ -90,6 +89,22 @@ def staged_run(uri: str, *, overwrite: bool, storage_options: dict[str, Any] | N
         fs.rm(staging.root, recursive=True)
     fs.makedirs(staging.root, exist_ok=True)
     yield staging
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    fs.mv(staging.root, root, recursive=True)
+    publish(fs, staging.root, root)
+
+
+# Files whose presence says "this folder is complete"; copied last to an object store.
+COMPLETION_MARKERS = ("config.json", "report.json")
+
+
+def publish(fs: fsspec.AbstractFileSystem, staging: str, final: str) -> None:
+    """Replace ``final`` by ``staging``: a rename on local disks; on object stores (no rename, no
+    folders) a copy of every object with the completion markers last, then the staging copy removed."""
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(staging, final, recursive=True)
+        return
+    files = sorted(fs.find(staging), key=lambda path: path.rsplit("/", 1)[-1] in COMPLETION_MARKERS)
+    for path in files:
+        fs.copy(path, final + path[len(staging):])
+    fs.rm(staging, recursive=True)

@@ -8,6 +8,7 @@ Everything a user can get wrong is checked in :meth:`Context.__init__`, before a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from replaceme import __version__
+from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import check_blocks, distances_from_csv, distances_to_csv, select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
@@ -38,7 +40,8 @@ from replaceme.merge import kept_layers, merge_checkpoint
 from replaceme.outputs import OutputDir, is_inside, staged_run
 from replaceme.plots import plot_distances
 from replaceme.stats import BlockStats
-from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_lstsq
+from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
+from replaceme.storage import fsspec_options
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
@@ -52,7 +55,9 @@ class Context:
         self.progress = progress
         self.timings: dict[str, float] = {}
         self.model_uri = _resolve_model_path(config)
-        self.checkpoint = Checkpoint(self.model_uri, allow_pickle=config.allow_pickle)
+        self.storage_options = fsspec_options(self.model_uri, config.storage.endpoint_url, config.storage.options)
+        self.checkpoint = Checkpoint(self.model_uri, allow_pickle=config.allow_pickle,
+                                     storage_options=self.storage_options)
         self.family = family_for(self.checkpoint.config)
         check_estimator(self.family, config.diag)
         self.num_layers = int(self.checkpoint.config["num_hidden_layers"])
@@ -73,6 +78,40 @@ class Context:
             if e.lm_eval_tasks:
                 _require_lm_eval()
         self.device = resolve_device(config.device)
+        self.store = self._open_store()
+
+    def _open_store(self) -> ActivationStore | None:
+        a = self.config.activations
+        if a.uri is None:
+            if self.config.engine.backend == "ray" and self.config.method == "cosine":
+                raise ReplaceMeError("activations.uri: method: cosine on engine.backend: ray reads the activation "
+                                     "rows back from a store; set activations.uri (file://… or s3://…)")
+            return None
+        store = ActivationStore(a.uri, self.run_id, endpoint_url=self.config.storage.endpoint_url,
+                                options=self.config.storage.options, row_group_rows=a.row_group_rows)
+        store.check()
+        return store
+
+    @property
+    def output_options(self) -> dict[str, Any]:
+        c = self.config
+        return fsspec_options(c.output_dir, c.storage.endpoint_url, c.storage.options)
+
+    @cached_property
+    def run_id(self) -> str:
+        """``run_id``, or a digest of every setting that shapes the calibration statistics, so a
+        rerun of the same job finds (and resumes) its own shards in the activation store."""
+        if self.config.run_id:
+            return self.config.run_id
+        c = self.config
+        keys = ["model_path", "dataset", "dataset_column", "dataset_size", "dataset_subset", "batch_size",
+                "max_length", "blocks", "sequential", "layers_to_skip", "num_A", "min_distance_layer", "compute_dtype"]
+        shaping = {key: getattr(c, key) for key in keys}
+        shaping["batches_per_shard"] = c.engine.batches_per_shard
+        if c.sequential and (c.num_A > 1 or len(c.blocks or []) > 1):  # later blocks see earlier maps
+            shaping.update({key: getattr(c, key) for key in ("method", "alpha", "diag", "loss", "solver", "seed")},
+                           cosine=c.cosine.model_dump())
+        return "run-" + hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @cached_property
     def tokenizer(self):
@@ -132,23 +171,39 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
     c = ctx.config
     solver = BlockSolver(c)
     with ctx.timed("calibrate"):
-        engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
-        fits = engine.calibrate(blocks, solver, sequential=c.sequential, keep_activations=c.method == "cosine")
+        fits = calibration_engine(ctx).calibrate(blocks, solver, sequential=c.sequential,
+                                                 keep_activations=c.method == "cosine")
     transforms = {f"{s}-{e}": t.to(torch.float32).cpu().contiguous() for ((s, e), t) in ((cap.block, t) for cap, t in fits)}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": c.method}))
     out.write_json("blocks.json", [list(b) for b in blocks])
     for capture, _ in fits:
         s, e = capture.block
         out.write_bytes(f"calibration/stats-{s}-{e}.safetensors", capture.stats.to_bytes())
-        if capture.activations is not None:
+        if isinstance(capture.activations, Activations):  # (rows in a store stay there)
             x, y, residual = capture.activations.tensors()
             out.write_bytes(f"calibration/activations-{s}-{e}.safetensors",
                             save_safetensors({"x": x, "y": y, "residual": residual}))
     return [solver.details[cap.block] for cap, _ in fits]
 
 
+def calibration_engine(ctx: Context):
+    """The in-process engine, or stage actors on a Ray cluster (``engine.backend: ray``)."""
+    c = ctx.config
+    if c.engine.backend == "local":
+        return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
+    from replaceme.distributed.engine import RayEngine, StageSettings
+
+    device = torch.device("cuda" if c.engine.gpus_per_stage > 0 else "cpu")
+    dtype = resolve_dtype(c.compute_dtype, device, ctx.checkpoint.dtype)
+    settings = StageSettings(ctx.model_uri, device.type, str(dtype).removeprefix("torch."),
+                             allow_pickle=c.allow_pickle, storage_options=ctx.storage_options)
+    return RayEngine(settings, ctx.batches, c.engine, store=ctx.store, save_rows=c.activations.save_rows,
+                     progress=ctx.progress)
+
+
 def solve(ctx: Context, out: OutputDir) -> list[dict[str, Any]]:
-    """Re-solve every block from its saved statistics (and activations, for cosine)."""
+    """Re-solve every block from its saved statistics (and activations, for cosine): from the
+    activation store when ``activations.uri`` is set, else from the output folder."""
     blocks = saved_blocks(out)
     if not blocks:
         raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json; run `replaceme calibrate` first")
@@ -156,20 +211,27 @@ def solve(ctx: Context, out: OutputDir) -> list[dict[str, Any]]:
         log.warning("blocks after the first were calibrated on the stream of the model pruned with the *old* "
                     "maps; re-run calibrate for an exact sequential fit")
     solver = BlockSolver(ctx.config)
-    transforms = {}
-    for s, e in blocks:
-        stats = BlockStats.from_bytes(out.read_bytes(f"calibration/stats-{s}-{e}.safetensors"))
-        activations = None
-        if ctx.config.method == "cosine":
-            name = f"calibration/activations-{s}-{e}.safetensors"
-            if not out.exists(name):
-                raise ReplaceMeError(f"output_dir: {out.uri}/{name} is missing; re-solving with method: cosine "
-                                     "needs activations, saved by `replaceme calibrate` with method: cosine")
-            rows = load_safetensors(out.read_bytes(name))
-            activations = Activations([rows["x"]], [rows["y"]], [rows["residual"]])
-        transforms[f"{s}-{e}"] = solver(BlockCapture((s, e), stats, activations)).to(torch.float32).contiguous()
+    transforms = {f"{s}-{e}": solver(_saved_capture(ctx, out, (s, e))).to(torch.float32).contiguous()
+                  for s, e in blocks}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": ctx.config.method}))
     return [solver.details[b] for b in blocks]
+
+
+def _saved_capture(ctx: Context, out: OutputDir, block: Block) -> BlockCapture:
+    """A block's statistics (and rows, for cosine) from the activation store or the output folder."""
+    cosine = ctx.config.method == "cosine"
+    if ctx.store is not None:
+        return BlockCapture(block, ctx.store.reduce_stats(block), StoredRows(ctx.store, block) if cosine else None)
+    s, e = block
+    stats = BlockStats.from_bytes(out.read_bytes(f"calibration/stats-{s}-{e}.safetensors"))
+    if not cosine:
+        return BlockCapture(block, stats, None)
+    name = f"calibration/activations-{s}-{e}.safetensors"
+    if not out.exists(name):
+        raise ReplaceMeError(f"output_dir: {out.uri}/{name} is missing; re-solving with method: cosine "
+                             "needs activations, saved by `replaceme calibrate` with method: cosine")
+    rows = load_safetensors(out.read_bytes(name))
+    return BlockCapture(block, stats, Activations([rows["x"]], [rows["y"]], [rows["residual"]]))
 
 
 def saved_blocks(out: OutputDir) -> list[Block] | None:
@@ -181,8 +243,18 @@ def saved_blocks(out: OutputDir) -> list[Block] | None:
 def merge(ctx: Context, out: OutputDir) -> None:
     """Fold the saved maps into a pruned copy of the source checkpoint under ``model/``."""
     transforms = load_transforms(out)
+    e = ctx.config.engine
     with ctx.timed("merge"), out.staged("model", overwrite=ctx.config.overwrite) as staging:
-        merge_checkpoint(ctx.checkpoint, transforms, out.fs, staging, progress=ctx.progress)
+        if e.backend == "ray" and e.merge_workers > 1:
+            from replaceme.distributed.cluster import connect
+            from replaceme.distributed.merge import merge_on_ray
+
+            connect(e.address)
+            merge_on_ray(ctx.model_uri, transforms, out.fs.unstrip_protocol(staging), workers=e.merge_workers,
+                         endpoint_url=ctx.config.storage.endpoint_url, storage_options=ctx.config.storage.options,
+                         max_retries=e.max_retries, allow_pickle=ctx.config.allow_pickle, progress=ctx.progress)
+        else:
+            merge_checkpoint(ctx.checkpoint, transforms, out.fs, staging, progress=ctx.progress)
 
 
 def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
@@ -191,7 +263,7 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
         return {}
     with ctx.timed("evaluate"):
         before, tokens = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress).perplexity()
-        with Checkpoint(f"{out.uri}/model", field="output_dir") as pruned:
+        with Checkpoint(f"{out.uri}/model", field="output_dir", storage_options=ctx.output_options) as pruned:
             after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress).perplexity()
     metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
     if ctx.config.eval.lm_eval_tasks:
@@ -246,12 +318,16 @@ class BlockSolver:
     def __call__(self, capture: BlockCapture) -> torch.Tensor:
         c = self.config
         transform, info = solve_lstsq(capture.stats, c.alpha, c.diag)
-        if c.method == "cosine":
-            x, y, residual = capture.activations.tensors()
-            init = transform if c.cosine.init == "lstsq" else torch.eye(x.shape[1], dtype=torch.float64)
-            transform = solve_cosine(x, y, residual, init=init, loss=c.loss, solver=c.solver, diag=c.diag,
-                                     steps=c.cosine.steps, lr=c.cosine.lr, batch_tokens=c.cosine.batch_tokens, seed=c.seed)
         identity = torch.eye(transform.shape[0], dtype=torch.float64)
+        if c.method == "cosine":
+            init = transform if c.cosine.init == "lstsq" else identity
+            options = dict(init=init, loss=c.loss, solver=c.solver, diag=c.diag, steps=c.cosine.steps, lr=c.cosine.lr,
+                           batch_tokens=c.cosine.batch_tokens, seed=c.seed)
+            rows = capture.activations
+            if isinstance(rows, StoredRows):
+                transform = solve_cosine_streaming(rows.stream, hidden=transform.shape[0], **options)
+            else:
+                transform = solve_cosine(*rows.tensors(), **options)
         detail = {
             "block": list(capture.block),
             "tokens": capture.stats.tokens,
@@ -260,11 +336,21 @@ class BlockSolver:
             "singular": info.singular,
         }
         if capture.activations is not None:
-            x, y, residual = capture.activations.tensors()
-            detail["cosine_distance"] = mean_cosine_distance(x, y, residual, transform)
-            detail["cosine_distance_dropping"] = mean_cosine_distance(x, y, residual, identity)
+            rows = capture.activations
+            chunks = rows.stream() if isinstance(rows, StoredRows) else [rows.tensors()]
+            detail["cosine_distance"], detail["cosine_distance_dropping"] = _cosine_distances(chunks, transform, identity)
         self.details[capture.block] = detail
         return transform
+
+
+def _cosine_distances(chunks, *transforms: torch.Tensor) -> list[float]:
+    """Mean cosine distance of the pruned stream to the original, for each map, over row chunks."""
+    totals, rows = [0.0] * len(transforms), 0
+    for x, y, residual in chunks:
+        for i, t in enumerate(transforms):
+            totals[i] += mean_cosine_distance(x, y, residual, t) * x.shape[0]
+        rows += x.shape[0]
+    return [total / rows for total in totals]
 
 
 # --- whole run --------------------------------------------------------------------------------
@@ -275,7 +361,7 @@ def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[st
     ctx = Context(config, progress=progress)
     torch.manual_seed(config.seed)
     announce = on_step or (lambda step: None)
-    with staged_run(config.output_dir, overwrite=config.overwrite) as out:
+    with staged_run(config.output_dir, overwrite=config.overwrite, storage_options=ctx.output_options) as out:
         announce("profile")
         blocks = ctx.blocks or profile(ctx, out)
         announce("calibrate")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_cluster import use_ray_token_auth
+
+use_ray_token_auth()  # before any test module imports Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = ROOT / "examples" / "shakespeare-llama-16l"

@@ -1,0 +1,311 @@
+"""Calibration on a Ray cluster: R replicas × S pipelined stage actors, statistics reduced in a tree.
+
+The calibration set is cut into data shards (``engine.batches_per_shard`` batches each); shards
+go to whichever replica has room, their micro-batches flow stage to stage with several in flight,
+and the stage ending a block returns (and, with an activation store, commits) the shard's
+partial statistics. Partials are summed by a tree of Ray tasks, so no process holds more than a
+few of them at once, and each block is solved once on the driver.
+
+A worker that dies takes its shard's unfinished partials with it: the actor is restarted and the
+shard is re-run under a new attempt number, so every shard counts exactly once. With an activation
+store, a rerun with the same run id skips the shards already committed there.
+
+Fitting blocks sequentially (each later block on the stream of the model whose earlier blocks are
+replaced) needs each earlier map before the later block's pass, so it takes one pass per block;
+fitting on the unpruned model takes one pass for all blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from replaceme.activations import StoredRows
+from replaceme.config import EngineConfig
+from replaceme.data import Batch
+from replaceme.distributed.cluster import connect, reserve, require_ray
+from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
+from replaceme.engine import BlockCapture, Estimator
+from replaceme.errors import ReplaceMeError
+from replaceme.stats import BlockStats
+
+log = logging.getLogger("replaceme")
+Block = tuple[int, int]
+
+
+def split_layers(num_layers: int, stages: int) -> list[range]:
+    """Contiguous, near-equal layer ranges for ``stages`` stages."""
+    if stages > num_layers:
+        raise ReplaceMeError(f"engine.stages: {stages} stages but only {num_layers} layers are needed; "
+                             f"use at most {num_layers}")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class _Shard:
+    index: int
+    batches: list[Batch]
+    attempt: int = 0
+    outputs: list = field(default_factory=list)  # refs of its micro-batches' last-stage results
+    waiting: set = field(default_factory=set)  # of those, not yet returned
+
+
+@dataclass
+class _Pipeline:
+    group: object  # its placement group
+    stages: list[tuple[object, range]]  # (actor, layers)
+    running: int = 0  # shards in flight
+
+
+@dataclass
+class StageSettings:
+    """How each stage actor opens the model (plain data, shipped to the workers)."""
+
+    model_uri: str
+    device: str
+    dtype: str
+    allow_pickle: bool = False
+    storage_options: dict | None = None
+
+
+class RayEngine:
+    """Same ``calibrate`` pass as :class:`replaceme.engine.LocalEngine`, on a Ray cluster."""
+
+    def __init__(self, settings: StageSettings, batches: Sequence[Batch], engine: EngineConfig, *,
+                 store=None, save_rows: bool = False, progress: bool = True) -> None:
+        if not batches:
+            raise ReplaceMeError("dataset: no calibration batches; the calibration set is empty")
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.save_rows = save_rows and store is not None
+        self.progress = progress
+        size = engine.batches_per_shard
+        self.shards = [list(batches[i:i + size]) for i in range(0, len(batches), size)]
+        self.ray = connect(engine.address)
+        self.seconds = {"start_workers": 0.0, "passes": 0.0}  # actor start and layer loading vs. the passes
+
+    def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
+                  keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
+        if keep_activations and not self.save_rows:
+            raise ReplaceMeError("activations.uri: an iterative estimator on engine.backend: ray reads the "
+                                 "activation rows back from the store; set activations.uri")
+        blocks = sorted(blocks)
+        phases = [[b] for b in blocks] if sequential else [blocks]
+        started = time.perf_counter()
+        pipelines = self._start_pipelines(max(e for _, e in blocks))
+        self.seconds["start_workers"] = time.perf_counter() - started
+        try:
+            results, applied = [], {}
+            for phase in phases:
+                started = time.perf_counter()
+                plan = PhasePlan(tuple(phase), dict(applied), max(e for _, e in phase), self.save_rows)
+                for block, stats in self._run_phase(pipelines, plan).items():
+                    capture = BlockCapture(block, stats, StoredRows(self.store, block) if self.save_rows else None)
+                    transform = estimator(capture)
+                    results.append((capture, transform))
+                    if sequential:
+                        applied[block] = transform
+                self.seconds["passes"] += time.perf_counter() - started
+            return results
+        finally:
+            self._stop(pipelines)
+
+    # --- one pass over the calibration set -----------------------------------------------------
+
+    def _run_phase(self, pipelines: list[_Pipeline], plan: PhasePlan) -> dict[Block, BlockStats]:
+        self._send_plan(pipelines, plan)
+        committed = self._committed(plan)
+        queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
+        partials: dict[Block, list] = {b: [] for b in plan.blocks}
+        pending: dict[object, tuple[_Pipeline, _Shard]] = {}  # micro-batch ref → its shard
+        per_pipeline = max(1, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
+        with tqdm(total=len(self.shards), initial=len(committed), desc="calibrate", unit="shard",
+                  disable=not self.progress, leave=False) as bar:
+            while queue or pending:
+                for pipeline in sorted(pipelines, key=lambda p: p.running):
+                    if queue and pipeline.running < per_pipeline:
+                        self._submit(pipeline, queue.popleft(), plan, pending)
+                pipeline, shard = self._next_finished(pending)
+                pipeline.running -= 1
+                try:
+                    for block, ref in self._finish(pipeline, shard, plan).items():
+                        partials[block].append(ref)
+                    bar.update()
+                except Exception as exc:  # noqa: BLE001 - _retry_or_raise re-raises what is not a worker death
+                    self._retry_or_raise(exc, shard)
+                    self._wait_alive(pipeline, plan)
+                    queue.appendleft(shard)
+        totals = {}
+        for block in plan.blocks:
+            partials[block] += [_load_partial.remote(self.store, block, shard) for shard in sorted(committed)]
+            totals[block] = tree_sum(partials[block])
+            if self.store is not None:  # written last: the block's rows and statistics are complete
+                self.store.write_manifest(block, totals[block].xtx.shape[0], expected_shards=len(self.shards))
+        return totals
+
+    def _send_plan(self, pipelines: list[_Pipeline], plan: PhasePlan) -> None:
+        self.ray.get([actor.set_plan.remote(plan) for p in pipelines for actor, _ in p.stages])
+
+    def _submit(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
+        """Every micro-batch of the shard through the stages the pass needs; actors run them as they
+        arrive, so stage k works on one micro-batch while stage k+1 works on the previous one."""
+        used = [actor for actor, layers in pipeline.stages if layers.start < plan.end_layer]
+        refs = []
+        for batch in shard.batches:
+            ref = Payload(shard.index, shard.attempt, batch.input_ids, batch.attention_mask)
+            for actor in used:
+                ref = actor.forward.remote(ref)
+            refs.append(ref)
+        shard.outputs, shard.waiting = refs, set(refs)
+        for ref in refs:
+            pending[ref] = (pipeline, shard)
+        pipeline.running += 1
+
+    def _next_finished(self, pending: dict) -> tuple[_Pipeline, _Shard]:
+        """Wait until every micro-batch of some shard has come back (or failed)."""
+        while True:
+            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            pipeline, shard = pending.pop(ready[0])
+            shard.waiting.discard(ready[0])
+            if not shard.waiting:
+                return pipeline, shard
+
+    def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan) -> dict[Block, object]:
+        """The shard's partial statistics per block, as object refs: the driver checks that they
+        were produced (the small token count) but never fetches them."""
+        self.ray.get(shard.outputs)  # small (the last stage returns no hidden states); raises what failed
+        stats = {}
+        for actor, layers in pipeline.stages:
+            ending = [b for b in plan.blocks if b[1] - 1 in layers]
+            if ending:
+                *refs, tokens = actor.finish_shard.options(num_returns=len(ending) + 1).remote(shard.index, shard.attempt)
+                self.ray.get(tokens)
+                stats.update(zip(ending, refs))
+        return stats
+
+    def _retry_or_raise(self, exc: Exception, shard: _Shard) -> None:
+        exceptions = self.ray.exceptions
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ReplaceMeError):
+            raise ReplaceMeError(str(cause)) from None
+        if not isinstance(exc, (exceptions.RayActorError, exceptions.ObjectLostError)) \
+                and not isinstance(cause, StageRestarted):
+            raise exc
+        if shard.attempt >= self.engine.max_retries:
+            raise ReplaceMeError(f"engine: data shard {shard.index} failed {shard.attempt + 1} times "
+                                 f"(last: {type(exc).__name__}); see the Ray logs for the worker's error") from None
+        shard.attempt += 1
+        log.warning("a stage worker died on data shard %d (%s); retrying it, attempt %d",
+                    shard.index, type(exc).__name__, shard.attempt + 1)
+
+    def _wait_alive(self, pipeline: _Pipeline, plan: PhasePlan) -> None:
+        """Wait for restarted actors (they reload their layers) and give them the pass's plan again."""
+        for actor, _ in pipeline.stages:
+            for _ in range(self.engine.max_retries + 1):
+                try:
+                    self.ray.get(actor.set_plan.remote(plan), timeout=self.engine.resource_timeout_s)
+                    break
+                except self.ray.exceptions.RayActorError:
+                    continue
+
+    def _committed(self, plan: PhasePlan) -> set[int]:
+        """Shards whose partials for every block of the pass are already in the store (resume)."""
+        if self.store is None:
+            return set()
+        done = set.intersection(*(set(self.store.committed_shards(b)) for b in plan.blocks))
+        done &= set(range(len(self.shards)))
+        if done:
+            log.info("resuming: %d of %d data shards already committed to the activation store", len(done),
+                     len(self.shards))
+        return done
+
+    # --- actors --------------------------------------------------------------------------------
+
+    def _start_pipelines(self, needed_layers: int) -> list[_Pipeline]:
+        """R pipelines of S stage actors, each pipeline packed into its own placement group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        e = self.engine
+        ranges = split_layers(needed_layers, e.stages)
+        bundle = {"CPU": e.cpus_per_stage, **({"GPU": e.gpus_per_stage} if e.gpus_per_stage else {})}
+        actor_class = self.ray.remote(Stage)
+        pipelines = []
+        for replica in range(e.replicas):
+            try:
+                group = reserve([dict(bundle) for _ in ranges], timeout_s=e.resource_timeout_s,
+                                what=f"pipeline {replica + 1} of {e.replicas} ({e.stages} stages of {bundle})")
+            except ReplaceMeError:
+                self._stop(pipelines)
+                raise
+            stages = [(actor_class.options(
+                num_cpus=e.cpus_per_stage, num_gpus=e.gpus_per_stage, max_restarts=e.max_retries, max_task_retries=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+            ).remote(self.settings.model_uri, layers, device=self._device(), dtype=self.settings.dtype,
+                     allow_pickle=self.settings.allow_pickle, storage_options=self.settings.storage_options,
+                     store=self.store), layers) for index, layers in enumerate(ranges)]
+            pipelines.append(_Pipeline(group, stages))
+        try:
+            self.ray.get([actor.ready.remote() for p in pipelines for actor, _ in p.stages])
+        except self.ray.exceptions.RayActorError as exc:
+            self._stop(pipelines)
+            raise ReplaceMeError(f"engine: a stage worker failed to start ({_cause(exc)})") from None
+        return pipelines
+
+    def _device(self) -> str:
+        return "cuda" if self.engine.gpus_per_stage > 0 else "cpu"
+
+    def _stop(self, pipelines: list[_Pipeline]) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pipeline in pipelines:
+            for actor, _ in pipeline.stages:
+                self.ray.kill(actor)
+            remove_placement_group(pipeline.group)
+
+
+def tree_sum(refs: list) -> BlockStats:
+    """Sum partial statistics pairwise in Ray tasks; only the final sum reaches the driver."""
+    ray = require_ray()
+    while len(refs) > 1:
+        refs = [_add.remote(*refs[i:i + 2]) if i + 1 < len(refs) else refs[i] for i in range(0, len(refs), 2)]
+    return ray.get(refs[0])
+
+
+def _cause(exc: BaseException) -> str:
+    lines = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def _remote(function):
+    """Define a Ray task lazily, so importing this module does not need Ray."""
+    holder = {}
+
+    class _Lazy:
+        def remote(self, *args):
+            if "task" not in holder:
+                holder["task"] = require_ray().remote(function)
+            return holder["task"].remote(*args)
+
+    return _Lazy()
+
+
+def _add_impl(a: BlockStats, b: BlockStats) -> BlockStats:
+    a += b
+    return a
+
+
+def _load_partial_impl(store, block: Block, shard: int) -> BlockStats:
+    return store.load_stats(block, shard)
+
+
+_add = _remote(_add_impl)
+_load_partial = _remote(_load_partial_impl)

@@ -1,0 +1,169 @@
+"""A pipeline stage: a contiguous range of decoder layers, resident on one worker.
+
+The stage loads its own layers straight from the checkpoint shards (local path or fsspec URI),
+so the driver never touches weights. Micro-batches arrive as :class:`Payload` and leave for the
+next stage; a block's taps (``h_{s-1}`` and ``X`` rows) travel with the payload until the stage
+holding layer ``e-1`` turns them into statistics. Statistics accumulate per (block, shard,
+attempt): a retried shard starts from zero, so a shard's partials count once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from replaceme.checkpoint import Checkpoint
+from replaceme.engine import apply_map
+from replaceme.errors import ReplaceMeError
+from replaceme.layerwise import LayerwiseModel
+from replaceme.stats import BlockStats
+
+log = logging.getLogger("replaceme")
+Block = tuple[int, int]
+
+
+class StageRestarted(RuntimeError):
+    """The stage was restarted during the shard (its partials or the pass's plan are gone): the
+    driver redoes the shard."""
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """What one pass over the calibration set computes (identical for every stage)."""
+
+    blocks: tuple[Block, ...]  # fitted in this pass
+    applied: dict[Block, torch.Tensor]  # solved earlier: their layers skipped, their map applied
+    end_layer: int  # the pass stops before this layer
+    save_rows: bool  # stream (X, Y, residual) rows to the activation store
+
+    @property
+    def skipped(self) -> set[int]:
+        return {i for s, e in self.applied for i in range(s, e)}
+
+
+@dataclass
+class Payload:
+    shard: int
+    attempt: int
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    hidden: torch.Tensor | None = None
+    taps: dict[Block, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class Stage:
+    """Layers ``layers`` of the model at ``model_uri`` (stage 0 also embeds the tokens)."""
+
+    def __init__(self, model_uri: str, layers: range, *, device: str, dtype: str, allow_pickle: bool = False,
+                 storage_options: dict | None = None, store=None) -> None:
+        torch.set_grad_enabled(False)
+        self.checkpoint = Checkpoint(model_uri, allow_pickle=allow_pickle, storage_options=storage_options)
+        self.device = torch.device(device)
+        self.model = LayerwiseModel(self.checkpoint, device=self.device, dtype=getattr(torch, dtype))
+        self.layers = layers
+        self.modules = {i: self.model.load_layer(i) for i in layers}
+        self.store = store
+        self.plan: PhasePlan | None = None
+        self._stats: dict[tuple[Block, int, int], BlockStats] = {}
+        self._writers: dict[tuple[Block, int, int], object] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def set_plan(self, plan: PhasePlan) -> None:
+        """Once per pass (it carries the earlier blocks' maps, too large to send with every batch)."""
+        self.plan = plan
+
+    def forward(self, payload: Payload) -> Payload:
+        plan = self.plan
+        if plan is None:
+            raise StageRestarted(f"stage {self.layers} has no plan for this pass (restarted since)")
+        mask = payload.attention_mask.to(self.device)
+        if payload.hidden is None:  # the first stage: the pipeline starts from the token ids
+            hidden = self.model.embed(payload.input_ids, mask)
+        else:
+            hidden = payload.hidden.to(self.device)
+        kwargs_by_key: dict[int, dict] = {}
+        skipped = plan.skipped
+        for index in self.layers:
+            if index >= plan.end_layer:
+                break
+            if index in skipped:
+                continue
+            key = self.model.kwargs_key(index)
+            if key not in kwargs_by_key:
+                kwargs_by_key[key] = self.model.layer_kwargs(index, mask)
+            hidden = self._run_layer(index, hidden, kwargs_by_key[key], payload, plan, mask)
+        payload.hidden = hidden.cpu() if self.layers.stop < plan.end_layer else None
+        return payload
+
+    def _run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict, payload: Payload, plan: PhasePlan,
+                   mask: torch.Tensor) -> torch.Tensor:
+        opened = [b for b in (*plan.blocks, *plan.applied) if b[0] - 1 == index]
+        taps: list[torch.Tensor] = []
+        hook = None
+        if opened:
+            tapped = self.modules[index].get_submodule(self.model.family.residual_mlp_module)
+            hook = tapped.register_forward_hook(lambda _m, _i, out: taps.append(out))
+        try:
+            out = self.modules[index](hidden, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        out = out[0] if isinstance(out, tuple) else out
+        _check_finite(index, out, mask)
+        rows = mask.bool()
+        for block in opened:
+            if block in plan.applied:  # the pruned model's stream
+                out = apply_map(out, taps[0], plan.applied[block])
+            else:
+                payload.taps[block] = (out[rows].float().cpu(), taps[0][rows].float().cpu())
+        for block in plan.blocks:
+            if block[1] - 1 == index:
+                self._close_block(block, out[rows].float().cpu(), payload, plan)
+        return out
+
+    def _close_block(self, block: Block, h_after: torch.Tensor, payload: Payload, plan: PhasePlan) -> None:
+        h_before, x = payload.taps.pop(block)
+        y = h_after - h_before + x
+        key = (block, payload.shard, payload.attempt)
+        self._stats.setdefault(key, BlockStats.zeros(x.shape[1])).update(x, y)
+        if plan.save_rows and self.store is not None:
+            if key not in self._writers:
+                self._writers[key] = self.store.row_writer(block, payload.shard, payload.attempt)
+            self._writers[key].write(x, y, h_before - x)
+
+    def ending_blocks(self, plan: PhasePlan) -> list[Block]:
+        return [b for b in plan.blocks if b[1] - 1 in self.layers]
+
+    def finish_shard(self, shard: int, attempt: int) -> list:
+        """Statistics of the blocks ending on this stage for one shard attempt (in
+        :meth:`ending_blocks` order), then the token count; committed to the store with the rows
+        part when there is one. Stale attempts of the shard are dropped."""
+        finished = []
+        for block in self.ending_blocks(self.plan):
+            stats = self._stats.pop((block, shard, attempt), None)
+            if stats is None:
+                raise StageRestarted(f"stage {self.layers} has no statistics for block {block}, shard {shard}, "
+                                   f"attempt {attempt} (restarted since)")
+            writer = self._writers.pop((block, shard, attempt), None)
+            part = writer.close() if writer is not None else None
+            if self.store is not None:
+                self.store.commit_shard(block, shard, stats, part)
+            finished.append(stats)
+        self._drop_stale(shard, attempt)
+        return [*finished, sum(s.tokens for s in finished)]
+
+    def _drop_stale(self, shard: int, attempt: int) -> None:
+        for key in [k for k in self._stats if k[1] == shard and k[2] < attempt]:
+            del self._stats[key]
+        for key in [k for k in self._writers if k[1] == shard and k[2] < attempt]:
+            self._writers.pop(key).close()
+
+
+def _check_finite(index: int, out: torch.Tensor, mask: torch.Tensor) -> None:
+    if not torch.isfinite(out).all() and not torch.isfinite(out[mask.bool()]).all():
+        raise ReplaceMeError(f"non-finite activations after decoder layer {index}; the checkpoint may be corrupt "
+                             f"or compute_dtype={out.dtype} may overflow: try compute_dtype: float32")

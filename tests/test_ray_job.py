@@ -1,0 +1,37 @@
+"""The quickstart submitted with `ray job submit` to a real Ray head on loopback, as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from ray_cluster import ray_cli, ray_head  # noqa: F401 - fixture
+
+pytest.importorskip("ray")
+
+
+@pytest.mark.slow
+def test_quickstart_as_a_ray_job(tmp_path, ray_head):
+    out = tmp_path / "job-out"
+    entrypoint = [sys.executable, "-m", "replaceme", "run", "--config", "examples/quickstart.yaml", "--quiet",
+                  "--set", "engine.backend=ray", "--set", "engine.replicas=2", "--set", f"output_dir={out}",
+                  "--set", "dataset_size=64"]
+    submit = [ray_cli(), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
+              "--", *entrypoint]
+    for _ in range(10):  # a fresh head's job agent may not have registered yet
+        result = subprocess.run(submit, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        if "No available agent" not in result.stderr + result.stdout:
+            break
+        time.sleep(3)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "succeeded" in result.stdout
+    assert "removed blocks" in result.stdout  # the job's own summary, streamed back by `ray job submit`
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_fraction"] == 0.25 and report["retention"] > 0.9
+    assert report["config"]["engine"]["backend"] == "ray"
+    assert (out / "model" / "config.json").exists() and (out / "transforms.safetensors").exists()
