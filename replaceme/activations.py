@@ -420,8 +420,10 @@ class RowWriter:
         self._writer, self._closed = None, True
 
     def _half(self, name: str, rows: torch.Tensor) -> torch.Tensor:
-        half = rows.detach().to("cpu", torch.float16)
-        if not torch.isfinite(half).all():
+        rows = rows.detach()
+        # amax on the input is ~10× cheaper than isfinite on the half copy; NaN propagates through it,
+        # and values below 65520 round to at most 65504 (float16's largest finite value).
+        if rows.numel() and not float(rows.abs().amax()) < 65520.0:
             if not torch.isfinite(rows).all():
                 what = "holds non-finite values (NaN or inf)"
             else:
@@ -430,7 +432,7 @@ class RowWriter:
             raise ReplaceMeError(f"block {block_name(self.block)}, column {name}: {what}; the activation store keeps "
                                  "rows in float16 and will not write them as inf — use method: lstsq, which needs "
                                  "only the float64 statistics")
-        return half
+        return rows.to("cpu", torch.float16)
 
     def _flush(self, final: bool) -> None:
         """Write whole row groups from the buffer (and the remainder when ``final``)."""
@@ -446,8 +448,9 @@ class RowWriter:
                 if isinstance(self.store.fs, LocalFileSystem):
                     self.store.fs.makedirs(self.store.fs._parent(path), exist_ok=True)
                 self._file = _HashingFile(self.store.fs.open(path, "wb"))
-            # Dictionary encoding buys nothing on float activations; it only costs memory and time.
-            self._writer = pq.ParquetWriter(self._file, table.schema, use_dictionary=False)
+            # Dictionary encoding and min/max page statistics buy nothing on float activations (nobody
+            # filters them); they cost memory and about 40% of the encoding time.
+            self._writer = pq.ParquetWriter(self._file, table.schema, use_dictionary=False, write_statistics=False)
         with self.store._io("write", self.relative):
             self._writer.write_table(table, row_group_size=size)
         # clone: a view of the remainder would keep the whole concatenated buffer alive
