@@ -3,8 +3,8 @@
 The calibration set is cut into data shards (``engine.batches_per_shard`` batches each); shards
 go to whichever replica has room, their micro-batches flow stage to stage with several in flight,
 and the stage ending a block returns (and, with an activation store, commits) the shard's
-partial statistics. Partials are summed by a tree of Ray tasks, so no process holds more than a
-few of them at once, and each block is solved once on the driver.
+partial statistics. Partials are summed pairwise on the stage actors, level by level (a tree),
+so no process holds more than a few of them at once, and each block is solved once on the driver.
 
 A worker that dies takes its shard's unfinished partials with it: the actor is restarted and the
 shard is re-run under a new attempt number, so every shard counts exactly once. With an activation
@@ -54,8 +54,9 @@ class _Shard:
     index: int
     batches: list[Batch]
     attempt: int = 0
-    outputs: list = field(default_factory=list)  # refs of its micro-batches' last-stage results
+    outputs: list = field(default_factory=list)  # refs awaited: last-stage results, then token counts
     waiting: set = field(default_factory=set)  # of those, not yet returned
+    stats: dict | None = None  # block → partials ref, once the shard's forward is done
 
 
 @dataclass
@@ -126,28 +127,35 @@ class RayEngine:
         committed = self._committed(plan)
         queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
         partials: dict[Block, list] = {b: [] for b in plan.blocks}
-        pending: dict[object, tuple[_Pipeline, _Shard]] = {}  # micro-batch ref → its shard
-        per_pipeline = max(1, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
+        pending: dict[object, tuple[_Pipeline, _Shard]] = {}  # outstanding ref → its shard
+        # At least two shards per pipeline, so its actors have queued work while a shard is finished.
+        per_pipeline = max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
         with tqdm(total=len(self.shards), initial=len(committed), desc="calibrate", unit="shard",
                   disable=not self.progress, leave=False) as bar:
             while queue or pending:
                 for pipeline in sorted(pipelines, key=lambda p: p.running):
                     if queue and pipeline.running < per_pipeline:
                         self._submit(pipeline, queue.popleft(), plan, pending)
-                pipeline, shard = self._next_finished(pending)
-                pipeline.running -= 1
+                pipeline, shard = self._next_returned(pending)
                 try:
-                    for block, ref in self._finish(pipeline, shard, plan).items():
+                    self.ray.get(shard.outputs)  # small (no hidden states come back); raises what failed
+                    if shard.stats is None:  # forward done: collect its partials, without waiting
+                        self._finish(pipeline, shard, plan, pending)
+                        continue
+                    for block, ref in shard.stats.items():
                         partials[block].append(ref)
                     bar.update()
                 except Exception as exc:  # noqa: BLE001 - _retry_or_raise re-raises what is not a worker death
                     self._retry_or_raise(exc, shard)
                     self._wait_alive(pipeline, plan)
                     queue.appendleft(shard)
+                pipeline.running -= 1
         totals = {}
+        reducers = [actor for p in pipelines for actor, layers in p.stages if layers.start < plan.end_layer]
         for block in plan.blocks:
-            partials[block] += [_load_partial.remote(self.store, block, shard) for shard in sorted(committed)]
-            totals[block] = tree_sum(partials[block])
+            partials[block] += [reducers[n % len(reducers)].load_stats.remote(block, shard)
+                                for n, shard in enumerate(sorted(committed))]
+            totals[block] = tree_sum(partials[block], reducers)
             if self.store is not None:  # written last: the block's rows and statistics are complete
                 self.store.write_manifest(block, totals[block].xtx.shape[0], expected_shards=len(self.shards))
         return totals
@@ -165,13 +173,13 @@ class RayEngine:
             for actor in used:
                 ref = actor.forward.remote(ref)
             refs.append(ref)
-        shard.outputs, shard.waiting = refs, set(refs)
+        shard.outputs, shard.waiting, shard.stats = refs, set(refs), None
         for ref in refs:
             pending[ref] = (pipeline, shard)
         pipeline.running += 1
 
-    def _next_finished(self, pending: dict) -> tuple[_Pipeline, _Shard]:
-        """Wait until every micro-batch of some shard has come back (or failed)."""
+    def _next_returned(self, pending: dict) -> tuple[_Pipeline, _Shard]:
+        """Wait until everything outstanding for some shard has come back (or failed)."""
         while True:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             pipeline, shard = pending.pop(ready[0])
@@ -179,18 +187,19 @@ class RayEngine:
             if not shard.waiting:
                 return pipeline, shard
 
-    def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan) -> dict[Block, object]:
-        """The shard's partial statistics per block, as object refs: the driver checks that they
-        were produced (the small token count) but never fetches them."""
-        self.ray.get(shard.outputs)  # small (the last stage returns no hidden states); raises what failed
-        stats = {}
+    def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
+        """Ask the stages ending a block for the shard's partials. They stay object refs: the driver
+        waits for the small token counts (proof that they were produced) but never fetches them."""
+        shard.stats, shard.outputs = {}, []
         for actor, layers in pipeline.stages:
             ending = [b for b in plan.blocks if b[1] - 1 in layers]
             if ending:
                 *refs, tokens = actor.finish_shard.options(num_returns=len(ending) + 1).remote(shard.index, shard.attempt)
-                self.ray.get(tokens)
-                stats.update(zip(ending, refs))
-        return stats
+                shard.stats.update(zip(ending, refs))
+                shard.outputs.append(tokens)
+        shard.waiting = set(shard.outputs)
+        for ref in shard.outputs:
+            pending[ref] = (pipeline, shard)
 
     def _retry_or_raise(self, exc: Exception, shard: _Shard) -> None:
         exceptions = self.ray.exceptions
@@ -272,40 +281,24 @@ class RayEngine:
             remove_placement_group(pipeline.group)
 
 
-def tree_sum(refs: list) -> BlockStats:
-    """Sum partial statistics pairwise in Ray tasks; only the final sum reaches the driver."""
+def tree_sum(refs: list, reducers: list) -> BlockStats:
+    """Sum partial statistics pairwise on the (warm, already placed) stage actors, level by level;
+    only the final sum reaches the driver. Ray tasks would each need a fresh worker process that
+    imports torch, and on a cluster whose CPUs the stages hold, a CPU to run on."""
     ray = require_ray()
+    turn = 0
     while len(refs) > 1:
-        refs = [_add.remote(*refs[i:i + 2]) if i + 1 < len(refs) else refs[i] for i in range(0, len(refs), 2)]
+        level = []
+        for i in range(0, len(refs), 2):
+            if i + 1 < len(refs):
+                level.append(reducers[turn % len(reducers)].add_stats.remote(refs[i], refs[i + 1]))
+                turn += 1
+            else:
+                level.append(refs[i])
+        refs = level
     return ray.get(refs[0])
 
 
 def _cause(exc: BaseException) -> str:
     lines = str(getattr(exc, "cause", None) or exc).strip().splitlines()
     return lines[-1][:300] if lines else type(exc).__name__
-
-
-def _remote(function):
-    """Define a Ray task lazily, so importing this module does not need Ray."""
-    holder = {}
-
-    class _Lazy:
-        def remote(self, *args):
-            if "task" not in holder:
-                holder["task"] = require_ray().remote(function)
-            return holder["task"].remote(*args)
-
-    return _Lazy()
-
-
-def _add_impl(a: BlockStats, b: BlockStats) -> BlockStats:
-    a += b
-    return a
-
-
-def _load_partial_impl(store, block: Block, shard: int) -> BlockStats:
-    return store.load_stats(block, shard)
-
-
-_add = _remote(_add_impl)
-_load_partial = _remote(_load_partial_impl)

@@ -156,6 +156,15 @@ class Stage:
         self._drop_stale(shard, attempt)
         return [*finished, sum(s.tokens for s in finished)]
 
+    def add_stats(self, a: BlockStats, b: BlockStats) -> BlockStats:
+        """One step of the driver's tree reduction of partial statistics."""
+        a += b
+        return a
+
+    def load_stats(self, block: Block, shard: int) -> BlockStats:
+        """A shard's partials committed to the store by an earlier run (resume)."""
+        return self.store.load_stats(block, shard)
+
     def _drop_stale(self, shard: int, attempt: int) -> None:
         for key in [k for k in self._stats if k[1] == shard and k[2] < attempt]:
             del self._stats[key]
