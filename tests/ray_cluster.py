@@ -1,6 +1,6 @@
 """A real Ray head on loopback, started the way users start one, for the tests that need a cluster.
 
-    from ray_cluster import ray_head  # session fixture: yields the head's address ("127.0.0.1:PORT")
+    def test_x(ray_head): ...  # session fixture (registered in conftest.py): the head's addresses
 
 The head declares more logical CPUs than the machine has, so pipelines of several 1-CPU stage
 actors fit on a 2-core CI runner (Ray schedules by logical resources).

@@ -1,7 +1,7 @@
 """A real S3-compatible server on loopback for tests: moto's server mode in a subprocess.
 
-Use it with ``from s3_server import s3_server`` (and ``read_only_s3``) in a test module (tests/ is on ``sys.path`` because
-the test files are imported from there in pytest's default "prepend" mode). The fixture sets dummy
+The fixtures ``s3_server`` and ``read_only_s3`` are registered once, in conftest.py: a session
+fixture imported into several test modules would start one server per module. The fixture sets dummy
 AWS credentials in the environment for the session only and restores the environment afterwards,
 so nothing can reach a real account; ``AWS_ENDPOINT_URL`` and profiles are cleared so that tests
 choose the endpoint themselves.

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from s3_server import SECRET_KEY, free_port, read_only_s3, s3_server  # noqa: F401 - fixtures
+from s3_server import SECRET_KEY, free_port
 
 from replaceme.activations import ActivationStore
 from replaceme.errors import ReplaceMeError

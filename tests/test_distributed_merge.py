@@ -14,8 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
-from ray_cluster import ray_head  # noqa: F401  (session fixture)
-from s3_server import ACCESS_KEY, SECRET_KEY, s3_server  # noqa: F401  (session fixture)
+from s3_server import ACCESS_KEY, SECRET_KEY
 from replaceme.checkpoint import Checkpoint
 from replaceme.distributed import merge as distributed
 from replaceme.distributed.cluster import connect

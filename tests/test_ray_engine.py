@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from conftest import BUNDLED_MODEL, CALIB
-from ray_cluster import ray_head  # noqa: F401 - fixture
 from replaceme import recipe
 from replaceme.config import validate_config
 from replaceme.engine import LocalEngine
@@ -30,8 +29,9 @@ BLOCKS = [(3, 6), (8, 10)]
 def settings(tmp_path, head, **overrides) -> dict:
     engine = {"backend": "ray", "address": head.address, "batches_per_shard": 2, "resource_timeout_s": 60}
     engine.update(overrides.pop("engine", {}))
-    return dict(model_path=str(BUNDLED_MODEL), dataset=str(CALIB), dataset_size=48, batch_size=8, max_length=64,
-                output_dir=str(tmp_path / "out"), engine=engine, **overrides)
+    config = dict(model_path=str(BUNDLED_MODEL), dataset=str(CALIB), dataset_size=48, batch_size=8, max_length=64,
+                  output_dir=str(tmp_path / "out"), engine=engine)
+    return {**config, **overrides}
 
 
 def reference(config, sequential: bool):
@@ -80,7 +80,7 @@ def test_fit_on_the_unpruned_model_in_one_pass(tmp_path, ray_head):
 def test_killed_stage_actor_is_restarted_and_its_shard_redone(tmp_path, ray_head):
     store = tmp_path / "store"
     config = validate_config(settings(tmp_path, ray_head, engine={"stages": 2, "batches_per_shard": 1},
-                                      activations={"uri": f"file://{store}"}, run_id="kill-test"))
+                                      activations={"uri": f"file://{store}"}, run_id="kill-test", dataset_size=96))
     expected = reference(config, sequential=True)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(fits=distributed(config, sequential=True)))
@@ -128,17 +128,19 @@ def test_unreachable_ray_address_is_one_clear_error(tmp_path, ray_head):
 
 
 def _wait_for_commit_then_kill_a_stage(store, worker: threading.Thread, address: str, timeout_s: float = 240):
-    """Once the first shard is committed, SIGKILL the process of the stage ending the first block."""
+    """SIGKILL the process of the stage ending the first block right after the first shard commits."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
+    stages = []
+    while len(stages) < 2 and time.monotonic() < deadline and worker.is_alive():
+        stages = list_actors(address=address, filters=[("class_name", "=", "Stage"), ("state", "=", "ALIVE")],
+                             detail=True)
+        time.sleep(0.1)
+    victim = max(stages, key=lambda a: a.pid)  # the later stage, which holds layer 5 (end of block 3-6)
     while time.monotonic() < deadline and worker.is_alive():
         if any(store.glob("kill-test/blocks/3-6/shards/*.json")):
-            stages = list_actors(address=address, filters=[("class_name", "=", "Stage"), ("state", "=", "ALIVE")],
-                                 detail=True)
-            if stages:
-                victim = stages[-1]
-                os.kill(victim.pid, signal.SIGKILL)
-                return victim.actor_id
-        time.sleep(0.05)
+            os.kill(victim.pid, signal.SIGKILL)
+            return victim.actor_id
+        time.sleep(0.01)
     return None

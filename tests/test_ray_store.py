@@ -9,11 +9,9 @@ import fsspec
 import pytest
 
 from conftest import BUNDLED_MODEL, CALIB, EVAL
-from ray_cluster import ray_head  # noqa: F401 - fixture
 from replaceme import cli, layerwise, recipe
 from replaceme.config import validate_config
 from replaceme.errors import ReplaceMeError
-from s3_server import s3_server  # noqa: F401 - fixture
 
 pytest.importorskip("ray")
 
