@@ -58,7 +58,6 @@ class Stage:
 
     def __init__(self, model_uri: str, layers: range, *, device: str, dtype: str, allow_pickle: bool = False,
                  storage_options: dict | None = None, store=None) -> None:
-        torch.set_grad_enabled(False)
         self.checkpoint = Checkpoint(model_uri, allow_pickle=allow_pickle, storage_options=storage_options)
         self.device = torch.device(device)
         self.model = LayerwiseModel(self.checkpoint, device=self.device, dtype=getattr(torch, dtype))
@@ -76,6 +75,7 @@ class Stage:
         """Once per pass (it carries the earlier blocks' maps, too large to send with every batch)."""
         self.plan = plan
 
+    @torch.no_grad()  # (grad mode is per thread, and Ray may call methods on another thread)
     def forward(self, payload: Payload) -> Payload:
         plan = self.plan
         if plan is None:
