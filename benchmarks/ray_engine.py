@@ -10,7 +10,7 @@ Side by side in one run, on the same random Llama (built here) and the same cali
 The pass time excludes starting the actors (worker processes import torch and load their layers,
 a fixed cost that a long calibration amortises); it is reported separately.
 
-    python benchmarks/ray_engine.py [--rows 128] [--hidden 256] [--repeats 3]
+    python benchmarks/ray_engine.py [--rows 384] [--hidden 256] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def median_of(repeats: int, measure) -> tuple[float, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=128, help="calibration rows (batches of 8 × 128 tokens)")
+    parser.add_argument("--rows", type=int, default=384, help="calibration rows (batches of 8 × 128 tokens)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
