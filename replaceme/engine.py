@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +49,10 @@ class Activations:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.cat(self.x), torch.cat(self.y), torch.cat(self.residual)
+
+    def stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The rows as one chunk (the interface of rows kept in an activation store)."""
+        return iter([self.tensors()])
 
 
 @dataclass
@@ -122,12 +126,7 @@ class LocalEngine:
 
     def _check_finite(self, index: int, outputs: list[torch.Tensor]) -> None:
         for batch_index, (batch, out) in enumerate(zip(self.batches, outputs)):
-            if not torch.isfinite(out).all() and not torch.isfinite(out[batch.attention_mask.to(out.device).bool()]).all():
-                raise ReplaceMeError(
-                    f"non-finite activations after decoder layer {index} (calibration batch {batch_index}); "
-                    f"the checkpoint may be corrupt or compute_dtype={self.model.dtype} may overflow: "
-                    "try compute_dtype: float32"
-                )
+            check_finite(index, out, batch.attention_mask, f" (calibration batch {batch_index})")
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress, leave=False)
@@ -215,6 +214,15 @@ class LocalEngine:
     def _apply(self, stream: list[torch.Tensor], x: list[torch.Tensor], transform: torch.Tensor) -> list[torch.Tensor]:
         """The stream after layer s-1 once the map is folded in: ``h − X + X·T``."""
         return [apply_map(h, xb, transform) for h, xb in zip(stream, x)]
+
+
+def check_finite(index: int, out: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:
+    """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly)."""
+    if not torch.isfinite(out).all() and not torch.isfinite(out[attention_mask.to(out.device).bool()]).all():
+        raise ReplaceMeError(
+            f"non-finite activations after decoder layer {index}{where}; the checkpoint may be corrupt or "
+            f"compute_dtype={out.dtype} may overflow: try compute_dtype: float32"
+        )
 
 
 def apply_map(h: torch.Tensor, x: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:

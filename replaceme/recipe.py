@@ -336,9 +336,8 @@ class BlockSolver:
             "singular": info.singular,
         }
         if capture.activations is not None:
-            rows = capture.activations
-            chunks = rows.stream() if isinstance(rows, StoredRows) else [rows.tensors()]
-            detail["cosine_distance"], detail["cosine_distance_dropping"] = _cosine_distances(chunks, transform, identity)
+            detail["cosine_distance"], detail["cosine_distance_dropping"] = _cosine_distances(
+                capture.activations.stream(), transform, identity)
         self.details[capture.block] = detail
         return transform
 

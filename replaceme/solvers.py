@@ -59,16 +59,10 @@ def solve_cosine(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, *, in
                  lr: float = 1e-3, batch_tokens: int = 4096, seed: int = 0) -> torch.Tensor:
     """Minimise the mean cosine distance (or MSE) of the pruned stream to the original one."""
     generator = torch.Generator().manual_seed(seed)
-    # A contiguous copy: L-BFGS views the gradient flat, and a solved init may be a transposed view.
-    init = init.to(torch.float32).contiguous()
-    param = torch.nn.Parameter(torch.diagonal(init).clone() if diag else init.clone())
+    param = _parameter(init, diag)
 
     def objective(rows: torch.Tensor) -> torch.Tensor:
-        t = torch.diag(param) if diag else param
-        xb, yb, rb = x[rows], y[rows], residual[rows]
-        if loss == "mse":
-            return (xb @ t - yb).square().sum(-1).mean()
-        return (1 - torch.nn.functional.cosine_similarity(rb + xb @ t, rb + yb, dim=-1)).mean()
+        return _row_losses(param, diag, loss, x[rows], y[rows], residual[rows]).mean()
 
     everything = torch.arange(x.shape[0])
     if solver == "lbfgs":
@@ -88,6 +82,25 @@ def solve_cosine(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, *, in
             optimizer.zero_grad()
             objective(rows).backward()
             optimizer.step()
+    return _solved(param, diag, solver)
+
+
+def _parameter(init: torch.Tensor, diag: bool) -> torch.nn.Parameter:
+    # A contiguous copy: L-BFGS views the gradient flat, and a solved init may be a transposed view.
+    init = init.to(torch.float32).contiguous()
+    return torch.nn.Parameter(torch.diagonal(init).clone() if diag else init.clone())
+
+
+def _row_losses(param: torch.Tensor, diag: bool, loss: str, x: torch.Tensor, y: torch.Tensor,
+                residual: torch.Tensor) -> torch.Tensor:
+    """Per token row: cosine distance of the pruned stream to the original, or ``‖x·T − y‖²``."""
+    t = torch.diag(param) if diag else param
+    if loss == "mse":
+        return (x @ t - y).square().sum(-1)
+    return 1 - torch.nn.functional.cosine_similarity(residual + x @ t, residual + y, dim=-1)
+
+
+def _solved(param: torch.Tensor, diag: bool, solver: str) -> torch.Tensor:
     result = torch.diag(param.detach()) if diag else param.detach()
     if not torch.isfinite(result).all():
         raise ReplaceMeError(f"the {solver} solver diverged (non-finite map); lower cosine.lr or use solver: lbfgs")
@@ -114,16 +127,12 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
       the seeded generator (rows are mixed within a chunk, not across chunks), until ``steps``.
     """
     generator = torch.Generator().manual_seed(seed)
-    init = init.to(torch.float32).contiguous()
     if init.shape != (hidden, hidden):
         raise ValueError(f"init must be [{hidden}, {hidden}], got {tuple(init.shape)}")
-    param = torch.nn.Parameter(torch.diagonal(init).clone() if diag else init.clone())
+    param = _parameter(init, diag)
 
     def summed(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        t = torch.diag(param) if diag else param
-        if loss == "mse":
-            return (x @ t - y).square().sum()
-        return (1 - torch.nn.functional.cosine_similarity(residual + x @ t, residual + y, dim=-1)).sum()
+        return _row_losses(param, diag, loss, x, y, residual).sum()
 
     def empty() -> ReplaceMeError:
         return ReplaceMeError("dataset: no activation rows reached the cosine solver; the calibration set is empty")
@@ -173,7 +182,4 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
             if done < steps and carry is not None and carry[0].shape[0]:  # the pass's short last batch
                 step(carry)
                 done += 1
-    result = torch.diag(param.detach()) if diag else param.detach()
-    if not torch.isfinite(result).all():
-        raise ReplaceMeError(f"the {solver} solver diverged (non-finite map); lower cosine.lr or use solver: lbfgs")
-    return result.to(torch.float64)
+    return _solved(param, diag, solver)

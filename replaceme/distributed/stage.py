@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replaceme.checkpoint import Checkpoint
-from replaceme.engine import apply_map
-from replaceme.errors import ReplaceMeError
+from replaceme.engine import apply_map, check_finite
 from replaceme.layerwise import LayerwiseModel
 from replaceme.stats import BlockStats
 
@@ -113,7 +112,7 @@ class Stage:
             if hook is not None:
                 hook.remove()
         out = out[0] if isinstance(out, tuple) else out
-        _check_finite(index, out, mask)
+        check_finite(index, out, mask)
         rows = mask.bool()
         for block in opened:
             if block in plan.applied:  # the pruned model's stream
@@ -170,9 +169,3 @@ class Stage:
             del self._stats[key]
         for key in [k for k in self._writers if k[1] == shard and k[2] < attempt]:
             self._writers.pop(key).close()
-
-
-def _check_finite(index: int, out: torch.Tensor, mask: torch.Tensor) -> None:
-    if not torch.isfinite(out).all() and not torch.isfinite(out[mask.bool()]).all():
-        raise ReplaceMeError(f"non-finite activations after decoder layer {index}; the checkpoint may be corrupt "
-                             f"or compute_dtype={out.dtype} may overflow: try compute_dtype: float32")
