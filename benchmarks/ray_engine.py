@@ -67,7 +67,7 @@ def on_ray(ctx: recipe.Context, **engine) -> tuple[float, float]:
     """(pass seconds, actor start seconds)."""
     from replaceme.distributed.engine import RayEngine, StageSettings
 
-    settings = StageSettings(ctx.model_uri, "cpu", "float32")
+    settings = StageSettings(ctx.model_uri, ctx.checkpoint.config, "cpu", "float32")
     ray_engine = RayEngine(settings, ctx.batches, EngineConfig(backend="ray", batches_per_shard=1, **engine),
                            progress=False)
     ray_engine.calibrate([BLOCK], recipe.BlockSolver(ctx.config))

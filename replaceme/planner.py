@@ -210,10 +210,16 @@ def _pack(weights: list[int], cap: int, stages: int) -> list[Block]:
     return [*ranges, (start, len(weights))]
 
 
-def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] | None, needed: int,
-                 dtype_bytes: int, gpu_memory_gb: float) -> list[StagePlan]:
+def layer_weights(shape: ModelShape, needed: int) -> list[int]:
+    """Parameters of each needed layer, the embeddings counted with layer 0 (stage 0 holds them)."""
     params = list(shape.layer_params[:needed])
     params[0] += shape.embedding_params
+    return params
+
+
+def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] | None, needed: int,
+                 dtype_bytes: int, gpu_memory_gb: float) -> list[StagePlan]:
+    params = layer_weights(shape, needed)
     e = config.engine
     activation = e.in_flight * config.batch_size * config.max_length * shape.hidden_size * dtype_bytes * 2
     accumulator = ACCUMULATOR_BYTES_PER_HIDDEN2 * shape.hidden_size**2

@@ -195,7 +195,7 @@ def calibration_engine(ctx: Context):
 
     device = torch.device("cuda" if c.engine.gpus_per_stage > 0 else "cpu")
     dtype = resolve_dtype(c.compute_dtype, device, ctx.checkpoint.dtype)
-    settings = StageSettings(ctx.model_uri, device.type, str(dtype).removeprefix("torch."),
+    settings = StageSettings(ctx.model_uri, ctx.checkpoint.config, device.type, str(dtype).removeprefix("torch."),
                              allow_pickle=c.allow_pickle, storage_options=ctx.storage_options)
     return RayEngine(settings, ctx.batches, c.engine, store=ctx.store, save_rows=c.activations.save_rows,
                      progress=ctx.progress)

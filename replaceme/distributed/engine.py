@@ -34,19 +34,21 @@ from replaceme.distributed.cluster import connect, reserve, require_ray
 from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
 from replaceme.engine import BlockCapture, Estimator
 from replaceme.errors import ReplaceMeError
+from replaceme.planner import layer_weights, model_shape, split_stages
 from replaceme.stats import BlockStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 
 
-def split_layers(num_layers: int, stages: int) -> list[range]:
-    """Contiguous, near-equal layer ranges for ``stages`` stages."""
-    if stages > num_layers:
-        raise ReplaceMeError(f"engine.stages: {stages} stages but only {num_layers} layers are needed; "
-                             f"use at most {num_layers}")
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+def split_layers(model_config: dict, needed_layers: int, stages: int) -> list[range]:
+    """The layers of each stage, cut as ``replaceme plan`` prints them: contiguous ranges whose
+    heaviest (stage 0 also holds the embeddings) is as light as possible."""
+    if stages > needed_layers:
+        raise ReplaceMeError(f"engine.stages: {stages} stages but only {needed_layers} layers are needed; "
+                             f"use at most {needed_layers}")
+    weights = layer_weights(model_shape(model_config), needed_layers)
+    return [range(a, b) for a, b in split_stages(weights, stages)]
 
 
 @dataclass
@@ -71,6 +73,7 @@ class StageSettings:
     """How each stage actor opens the model (plain data, shipped to the workers)."""
 
     model_uri: str
+    model_config: dict  # its config.json, to cut the layers into stages
     device: str
     dtype: str
     allow_pickle: bool = False
@@ -244,7 +247,7 @@ class RayEngine:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         e = self.engine
-        ranges = split_layers(needed_layers, e.stages)
+        ranges = split_layers(self.settings.model_config, needed_layers, e.stages)
         bundle = {"CPU": e.cpus_per_stage, **({"GPU": e.gpus_per_stage} if e.gpus_per_stage else {})}
         actor_class = self.ray.remote(Stage)
         pipelines = []
