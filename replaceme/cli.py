@@ -1,8 +1,8 @@
-"""Command line: ``replaceme run | profile | calibrate | solve | merge | evaluate | plan``.
+"""Command line: ``replaceme run | profile | calibrate | solve | merge | evaluate | plan | log | compare``.
 
-Every command takes ``--config FILE`` and any number of ``--set key=value`` overrides (values
-parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line, no
-traceback, and exit with status 2.
+The pruning commands take ``--config FILE`` and any number of ``--set key=value`` overrides
+(values parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line,
+no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from replaceme import __version__
@@ -27,6 +28,7 @@ COMMANDS = {
     "evaluate": "perplexity of the source and the pruned model on the eval text (report.json)",
     "plan": "GPUs, nodes, memory per stage, stored bytes and FLOPs of a distributed calibration, from config.json alone",
 }
+TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +48,33 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
         if name == "plan":
             _add_plan_arguments(sub)
+    _add_log_command(commands)
+    _add_compare_command(commands)
     return parser
+
+
+def _add_log_command(commands: Any) -> None:
+    text = "record a finished output folder in MLflow (e.g. after the tracking server was down)"
+    sub = commands.add_parser("log", help=text, description=text)
+    sub.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output folder or URI (holds report.json)")
+    sub.add_argument("--config", "-c", metavar="FILE", help="config to take mlflow/storage settings from "
+                     "(default: the one recorded in report.json)")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. mlflow.tracking_uri=http://host:5000 (repeatable)")
+
+
+def _add_compare_command(commands: Any) -> None:
+    text = "compare the runs of an MLflow experiment: method, alpha, blocks, perplexity, retention, time"
+    sub = commands.add_parser("compare", help=text, description=text)
+    sub.add_argument("--experiment", "-e", default="replaceme", help="MLflow experiment name (default: replaceme)")
+    sub.add_argument("--tracking-uri", metavar="URI",
+                     help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder")
+    sub.add_argument("--metric", dest="metrics", action="append", default=[], metavar="NAME",
+                     help="add an MLflow metric as a column, e.g. solver/relative_residual (repeatable)")
+    sub.add_argument("--sort", default="retention", metavar="COLUMN", help="sort by this column (default: retention)")
+    sub.add_argument("--max-runs", type=_positive(int), default=100, metavar="N")
+    sub.add_argument("--plot", metavar="PNG", help="also write a plot: removed fraction against --plot-metric")
+    sub.add_argument("--plot-metric", default="retention", metavar="COLUMN")
 
 
 def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
@@ -85,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from replaceme.config import load_config
     from replaceme.outputs import OutputDir
 
+    if args.command == "log":
+        return _log(args)
+    if args.command == "compare":
+        return _compare(args)
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
     config = load_config(args.config, overrides)
     if args.command == "plan":
@@ -93,7 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
         print(summary(report, config.output_dir))
-        return 0
+        return _track(config, config.output_dir) if config.mlflow.enabled else 0
     ctx = recipe.Context(config, progress=progress)
     out = OutputDir(config.output_dir, ctx.output_options)
     if args.command == "profile":
@@ -108,6 +140,57 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"pruned model written to {out.uri}/model")
     elif args.command == "evaluate":
         print(json.dumps(recipe.evaluate_and_record(ctx, out), indent=2))
+    return 0
+
+
+def _track(config: Any, output_dir: str) -> int:
+    """Record the finished run in MLflow; a failure leaves the outputs as they are."""
+    from replaceme.tracking import TrackingError, log_output, tracking_uri
+    from replaceme.config import redact_uri
+
+    try:
+        run_id = log_output(output_dir, config)
+    except TrackingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return TRACKING_FAILED
+    print(f"mlflow run      {run_id}  (experiment {config.mlflow.experiment!r} at {redact_uri(tracking_uri(config.mlflow))})")
+    return 0
+
+
+def _log(args: argparse.Namespace) -> int:
+    from replaceme.config import load_config, validate_config
+    from replaceme.outputs import OutputDir
+
+    if args.config:
+        config = load_config(args.config, [*args.overrides, f"output_dir={args.output_dir}"])
+    else:
+        out = OutputDir(args.output_dir)
+        if not out.exists("report.json"):
+            raise ReplaceMeError(f"OUTPUT_DIR: {args.output_dir} has no report.json; only a finished run can be "
+                                 "logged (for s3:// outputs pass --config with the storage settings)")
+        recorded = json.loads(out.read_text("report.json"))["config"]
+        config = load_config(None, [*_recorded_settings(recorded), *args.overrides, f"output_dir={args.output_dir}"])
+    return _track(config, args.output_dir)
+
+
+def _recorded_settings(recorded: dict[str, Any]) -> list[str]:
+    """The config recorded in report.json as ``--set`` items, without the redacted secrets."""
+    recorded = {key: value for key, value in recorded.items() if value != "***"}
+    recorded["storage"]["options"] = {k: v for k, v in recorded["storage"]["options"].items() if v != "***"}
+    return [f"{key}={json.dumps(value)}" for key, value in recorded.items()]
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from replaceme.compare import compare_runs, format_table, plot_comparison
+    from replaceme.config import MlflowConfig
+    from replaceme.tracking import tracking_uri
+
+    uri = args.tracking_uri or tracking_uri(MlflowConfig())
+    table = compare_runs(uri, args.experiment, metrics=args.metrics, sort=args.sort, max_runs=args.max_runs)
+    print(format_table(table))
+    if args.plot:
+        Path(args.plot).write_bytes(plot_comparison(table, args.plot_metric))
+        print(f"plot written to {args.plot}")
     return 0
 
 

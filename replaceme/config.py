@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -87,6 +88,20 @@ class ActivationsConfig(_Strict):
     save_rows: bool = Field(default=True, description="write (X, Y) rows, not only the statistics")
 
 
+class MlflowConfig(_Strict):
+    """Where the run is recorded: MLflow params, inputs, metrics, artifacts and the pruned model."""
+
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    experiment: str = Field(default="replaceme", min_length=1, description="created when it does not exist")
+    run_name: str | None = None
+    register_as: str | None = Field(default=None, min_length=1,
+                                    description="registered model name; each run adds a new version")
+    log_model: bool = Field(default=True, description="copy the pruned model into the run's artifacts; "
+                            "false registers the output folder's model/ by reference (for 100 GB checkpoints)")
+
+
 class ReplaceMeConfig(_Strict):
     # --- reference keys --------------------------------------------------------------------
     method: Literal["lstsq", "cosine"] = "lstsq"
@@ -129,6 +144,7 @@ class ReplaceMeConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",
@@ -176,6 +192,8 @@ class ReplaceMeConfig(_Strict):
         if self.token is not None:
             data["token"] = "***"
         data["storage"]["options"] = {k: _redact(k, v) for k, v in self.storage.options.items()}
+        data["storage"]["endpoint_url"] = redact_uri(self.storage.endpoint_url)
+        data["mlflow"]["tracking_uri"] = redact_uri(self.mlflow.tracking_uri)
         return data
 
 
@@ -184,6 +202,17 @@ SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
 
 def _redact(key: str, value: Any) -> Any:
     return "***" if any(word in key.lower() for word in SECRET_WORDS) else value
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``scheme://user:***@host/…``: a password in a URI is never shown."""
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # --- loading -----------------------------------------------------------------------------------

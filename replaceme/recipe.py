@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from replaceme import __version__
+from replaceme import __version__, lineage, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import check_blocks, distances_from_csv, distances_to_csv, select_blocks
 from replaceme.checkpoint import Checkpoint
@@ -54,6 +53,7 @@ class Context:
         self.config = config
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.step_memory: dict[str, dict[str, float]] = {}
         self.model_uri = _resolve_model_path(config)
         self.storage_options = fsspec_options(self.model_uri, config.storage.endpoint_url, config.storage.options)
         self.checkpoint = Checkpoint(self.model_uri, allow_pickle=config.allow_pickle,
@@ -137,9 +137,24 @@ class Context:
 
     @contextmanager
     def timed(self, step: str):
+        """Record the step's wall time and peak memory (for report.json and MLflow)."""
+        peak_memory.reset_peak()
         started = time.perf_counter()
         yield
         self.timings[step] = round(time.perf_counter() - started, 3)
+        self.step_memory[step] = peak_memory.peak_mb()
+
+    def lineage(self) -> dict[str, Any]:
+        """Source model, data, code and job identity, recorded in report.json for MLflow."""
+        c = self.config
+        data = {"calibration": lineage.dataset_identity(c.dataset, self.texts)}
+        if self.eval_texts is not None:
+            data["evaluation"] = lineage.dataset_identity(c.eval.dataset, self.eval_texts)
+        stores = {"statistics": self.store.location if self.store else f"{c.output_dir.rstrip('/')}/calibration"}
+        if self.store and c.activations.save_rows:
+            stores["activations"] = self.store.location
+        return {"source_model": lineage.model_identity(self.checkpoint), "datasets": data,
+                "code": lineage.code_version(), **lineage.job_ids(), "stores": stores}
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -211,8 +226,9 @@ def solve(ctx: Context, out: OutputDir) -> list[dict[str, Any]]:
         log.warning("blocks after the first were calibrated on the stream of the model pruned with the *old* "
                     "maps; re-run calibrate for an exact sequential fit")
     solver = BlockSolver(ctx.config)
-    transforms = {f"{s}-{e}": solver(_saved_capture(ctx, out, (s, e))).to(torch.float32).contiguous()
-                  for s, e in blocks}
+    with ctx.timed("solve"):
+        transforms = {f"{s}-{e}": solver(_saved_capture(ctx, out, (s, e))).to(torch.float32).contiguous()
+                      for s, e in blocks}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": ctx.config.method}))
     return [solver.details[b] for b in blocks]
 
@@ -391,17 +407,21 @@ def build_report(ctx: Context, blocks: list[Block], details: list[dict[str, Any]
         **metrics,
         "solver": details,
         "seconds": ctx.timings,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": _overall_peak(ctx.step_memory.values()),
+        "step_peak_memory_mb": ctx.step_memory,
         "device": str(ctx.device),
+        "lineage": ctx.lineage(),
         "config": ctx.config.public_dict(),
     }
 
 
-def _peak_memory_mb() -> dict[str, float]:
-    peak = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peak["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
-    return {k: round(v, 1) for k, v in peak.items()}
+def _overall_peak(step_peaks) -> dict[str, float]:
+    """The run's peak: the largest step peak (each step resets the high-water mark)."""
+    overall = peak_memory.peak_mb()
+    for peaks in step_peaks:
+        for key, value in peaks.items():
+            overall[key] = max(overall.get(key, 0.0), value)
+    return overall
 
 
 # --- model location ----------------------------------------------------------------------------

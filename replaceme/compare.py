@@ -1,0 +1,65 @@
+"""``replaceme compare``: the runs of an MLflow experiment side by side (MLflow is the database)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from replaceme.config import redact_uri
+from replaceme.errors import ReplaceMeError
+
+# column → where MLflow keeps it (``replaceme log`` writes these names)
+COLUMNS = {
+    "run": ("tag", "mlflow.runName"),
+    "method": ("param", "method"),
+    "alpha": ("param", "alpha"),
+    "blocks": ("tag", "replaceme.blocks"),
+    "removed": ("metric", "removed_fraction"),
+    "ppl_before": ("metric", "perplexity_before"),
+    "ppl_after": ("metric", "perplexity_after"),
+    "retention": ("metric", "retention"),
+    "seconds": ("metric", "seconds/total"),
+}
+HIGHER_IS_BETTER = {"retention", "removed"}  # other columns sort lowest first (perplexity, residuals, time)
+
+
+def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] = (), sort: str = "retention",
+                 max_runs: int = 100):
+    """A pandas DataFrame, one row per finished run of ``experiment``, best ``sort`` first."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = [e.name for e in client.search_experiments(max_results=50)]
+        raise ReplaceMeError(f"--experiment: no experiment {experiment!r} in {redact_uri(tracking_uri)}; "
+                             f"experiments there: {', '.join(names) or 'none'}")
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=max_runs)
+    table = pd.DataFrame([_row(run, metrics) for run in runs], columns=[*COLUMNS, *metrics])
+    if sort not in table.columns:
+        raise ReplaceMeError(f"--sort: {sort!r} is not a column; choose one of {', '.join(table.columns)}")
+    return table.sort_values(sort, ascending=sort not in HIGHER_IS_BETTER, na_position="last", ignore_index=True)
+
+
+def _row(run: Any, metrics: Sequence[str]) -> dict[str, Any]:
+    sources = {"tag": run.data.tags, "param": run.data.params, "metric": run.data.metrics}
+    row = {column: sources[kind].get(key) for column, (kind, key) in COLUMNS.items()}
+    row["alpha"] = float(row["alpha"]) if row["alpha"] is not None else None  # params are strings
+    row.update({metric: run.data.metrics.get(metric) for metric in metrics})
+    return row
+
+
+def format_table(table) -> str:
+    if table.empty:
+        return "no finished runs"
+    return table.to_string(index=False, float_format=lambda value: f"{value:.4g}", na_rep="-")
+
+
+def plot_comparison(table, metric: str) -> bytes:
+    from replaceme.plots import plot_runs
+
+    if metric not in table.columns:
+        raise ReplaceMeError(f"--plot-metric: {metric!r} is not a column; choose one of {', '.join(table.columns)}")
+    shown = table.dropna(subset=["removed", metric])
+    return plot_runs(list(shown["run"]), list(shown["removed"]), list(shown[metric]), metric)

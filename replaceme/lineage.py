@@ -1,0 +1,66 @@
+"""Where a run came from: source model, data, code version, and the job that ran it.
+
+Written into ``report.json`` at run time, so ``replaceme log`` can record the same lineage in
+MLflow later, from another machine, without the job's environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from replaceme import __version__
+from replaceme.checkpoint import INDEX_FILE, Checkpoint
+
+PIPELINE_RUN_ENV = "REPLACEME_PIPELINE_RUN_ID"  # set by the Kubeflow steps (ops/)
+GIT_COMMIT_ENV = "REPLACEME_GIT_COMMIT"  # set in the container image, which has no .git
+
+
+def model_identity(checkpoint: Checkpoint) -> dict[str, str]:
+    """The checkpoint's URI and a digest of its config and weight index: two checkpoints with the
+    same digest have the same architecture and the same tensors in the same shards."""
+    digest = hashlib.sha256(checkpoint.read_text("config.json").encode())
+    if INDEX_FILE in checkpoint.files():
+        digest.update(checkpoint.read_text(INDEX_FILE).encode())
+    return {"uri": checkpoint.fs.unstrip_protocol(checkpoint.root), "digest": digest.hexdigest()[:16]}
+
+
+def dataset_identity(source: str, texts: list[str]) -> dict[str, Any]:
+    """The data a run learned from: its URI and a digest of the texts actually used."""
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    uri = os.path.abspath(source) if os.path.exists(source) else source  # a URI or a Hub dataset name as given
+    return {"uri": uri, "digest": digest, "rows": len(texts)}
+
+
+def code_version() -> dict[str, str]:
+    commit = os.environ.get(GIT_COMMIT_ENV) or _git_commit()
+    return {"version": __version__, **({"git_commit": commit} if commit else {})}
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout the package was imported from (editable installs), else None."""
+    source = Path(__file__).resolve().parent.parent
+    if not (source / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+def job_ids() -> dict[str, str]:
+    """The Ray job submission id (inside ``ray job submit``) and the Kubeflow pipeline run id."""
+    ids = {}
+    ray_job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get("job_submission_id")
+    if ray_job:
+        ids["ray_job_id"] = ray_job
+    if os.environ.get(PIPELINE_RUN_ENV):
+        ids["pipeline_run_id"] = os.environ[PIPELINE_RUN_ENV]
+    return ids

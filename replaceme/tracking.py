@@ -1,0 +1,306 @@
+"""Record a finished output folder as one MLflow run.
+
+Everything is read from the folder (``report.json``, ``distances.csv``, the maps, ``model/``), so
+``replaceme run`` and ``replaceme log OUTPUT_DIR`` (after a tracking outage, or from a pipeline's
+last step) record exactly the same run. One run per compression, steps named in the metric keys
+(``seconds/calibrate``): comparing runs is then a flat table, with no child runs to join.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from replaceme.blocks import distances_from_csv
+from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri
+from replaceme.errors import ReplaceMeError
+from replaceme.outputs import OutputDir
+
+log = logging.getLogger("replaceme")
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow's own default store, in the working directory
+ARTIFACTS = ("report.json", "blocks.json", "distances.csv", "distances.png", "transforms.safetensors")
+REPORT_DIGEST_TAG = "replaceme.report_digest"
+
+
+class TrackingError(ReplaceMeError):
+    """Recording in MLflow failed; the outputs themselves are complete."""
+
+
+def tracking_uri(settings: MlflowConfig) -> str:
+    return settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def log_output(output_uri: str, config: ReplaceMeConfig) -> str:
+    """Record the finished run in ``output_uri`` in MLflow; returns the MLflow run id.
+
+    Logging the same output twice finds the first run instead of adding a duplicate.
+    """
+    out = OutputDir(output_uri, _storage_options(output_uri, config))
+    if not out.exists("report.json"):
+        raise ReplaceMeError(f"output_dir: {output_uri} has no report.json; only a finished run can be logged")
+    report_text = out.read_text("report.json")
+    report = json.loads(report_text)
+    uri = tracking_uri(config.mlflow)
+    try:
+        _check_reachable(uri)
+        return _Recorder(uri, config.mlflow, out, report, _digest(report_text)).record()
+    except ReplaceMeError:
+        raise
+    except ConnectionError as exc:
+        raise tracking_failed(uri, output_uri, str(exc)) from None
+    except Exception as exc:  # MLflow, HTTP, storage: the run is done, only its record failed
+        raise tracking_failed(uri, output_uri, f"{type(exc).__name__}: {exc}") from None
+
+
+def tracking_failed(uri: str, output_uri: str, reason: str) -> TrackingError:
+    password = urlsplit(uri).password
+    if password:  # MLflow's own messages may quote the URI
+        reason = reason.replace(password, "***")
+    return TrackingError(f"mlflow.tracking_uri: tracking failed, the run was not recorded in {redact_uri(uri)} ({reason}); "
+                         f"the outputs in {output_uri} are complete: re-log them with `replaceme log {output_uri}`")
+
+
+def _storage_options(output_uri: str, config: ReplaceMeConfig) -> dict[str, Any]:
+    from replaceme.storage import fsspec_options
+
+    return fsspec_options(output_uri, config.storage.endpoint_url, config.storage.options)
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail in a second, not after MLflow's minutes of HTTP retries."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to {parts.hostname}:{port} ({exc.strerror or exc})") from None
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Recorder:
+    """One MLflow run from one output folder."""
+
+    def __init__(self, uri: str, settings: MlflowConfig, out: OutputDir, report: dict[str, Any], digest: str) -> None:
+        from mlflow import MlflowClient
+
+        # MLflow prints "View run at <tracking URI>" on finishing a run, password included; the CLI
+        # prints its own line with the URI redacted
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+        self.client = MlflowClient(uri)
+        self.settings, self.out, self.report, self.digest = settings, out, report, digest
+
+    def record(self) -> str:
+        experiment_id = self._experiment()
+        existing = self._existing_run(experiment_id)
+        if existing:
+            log.info("mlflow: %s is already recorded as run %s", self.out.uri, existing)
+            return existing
+        run = self.client.create_run(experiment_id, run_name=self.settings.run_name or self._default_name(),
+                                     tags=self._tags())
+        run_id = run.info.run_id
+        try:
+            self._log_data(run_id)
+            self._log_inputs(run_id)
+            self._log_artifacts(run_id)
+            self._log_model(experiment_id, run_id)
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+        log.info("mlflow: recorded run %s in experiment %r", run_id, self.settings.experiment)
+        return run_id
+
+    # --- run and identity ---------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.settings.experiment)
+        if found is not None:
+            return found.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        log.info("mlflow: creating experiment %r", self.settings.experiment)
+        try:
+            return self.client.create_experiment(self.settings.experiment)
+        except MlflowException as exc:  # created meanwhile by a concurrent run
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(self.settings.experiment).experiment_id
+
+    def _existing_run(self, experiment_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [experiment_id], f"tags.`{REPORT_DIGEST_TAG}` = '{self.digest}' and attributes.status = 'FINISHED'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _default_name(self) -> str:
+        r = self.report
+        model = r["source_model"].rstrip("/").rsplit("/", 1)[-1]
+        return f"{model}-{r['method']}-minus{r['removed_layers']}"
+
+    def _tags(self) -> dict[str, str]:
+        r, lineage = self.report, self.report.get("lineage", {})
+        tags = {
+            REPORT_DIGEST_TAG: self.digest,
+            "replaceme.output_uri": self.out.fs.unstrip_protocol(self.out.root),
+            "replaceme.blocks": json.dumps(r["blocks"]),
+            "replaceme.version": r["replaceme_version"],
+            "source_model": lineage.get("source_model", {}).get("uri", r["source_model"]),
+        }
+        if "digest" in lineage.get("source_model", {}):
+            tags["source_model_digest"] = lineage["source_model"]["digest"]
+        if "git_commit" in lineage.get("code", {}):
+            tags["mlflow.source.git.commit"] = lineage["code"]["git_commit"]
+        for key in ("ray_job_id", "pipeline_run_id"):
+            if key in lineage:
+                tags[key] = lineage[key]
+        for kind, uri in lineage.get("stores", {}).items():
+            tags[f"{kind}_uri"] = uri
+        return tags
+
+    # --- params and metrics ---------------------------------------------------------------------
+
+    def _log_data(self, run_id: str) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        params = [Param(key, _param_value(value)) for key, value in _flatten(self.report["config"])]
+        metrics = [Metric(key, float(value), now, step) for key, value, step in self._metrics()]
+        for start in range(0, max(len(params), len(metrics)), 100):  # MLflow's per-request limits
+            self.client.log_batch(run_id, metrics=metrics[start:start + 100], params=params[start:start + 100])
+
+    def _metrics(self) -> Iterator[tuple[str, float, int]]:
+        r = self.report
+        for key in ("perplexity_before", "perplexity_after", "retention", "eval_tokens", "calibration_tokens",
+                    "removed_layers", "removed_fraction"):
+            if key in r:
+                yield key, r[key], 0
+        for detail in r["solver"]:  # stepped by the block's first layer, like the distance profile
+            for key in ("relative_residual", "relative_residual_dropping", "cosine_distance", "cosine_distance_dropping"):
+                if key in detail:
+                    yield f"solver/{key}", detail[key], detail["block"][0]
+        for step, seconds in r["seconds"].items():
+            yield f"seconds/{step}", seconds, 0
+        yield "seconds/total", sum(r["seconds"].values()), 0
+        for step, peaks in r.get("step_peak_memory_mb", {}).items():
+            for kind, mb in peaks.items():
+                yield f"peak_memory_mb/{step}/{kind}", mb, 0
+        if self.out.exists("distances.csv"):
+            for start, _end, distance in distances_from_csv(self.out.read_text("distances.csv"), self.out.uri):
+                yield "distance", distance, start
+
+    # --- inputs, artifacts, model ------------------------------------------------------------------
+
+    def _log_inputs(self, run_id: str) -> None:
+        from mlflow.entities import DatasetInput, InputTag
+
+        datasets = self.report.get("lineage", {}).get("datasets", {})
+        inputs = [DatasetInput(_dataset_entity(name, d), tags=[InputTag("mlflow.data.context", name)])
+                  for name, d in datasets.items()]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
+    def _log_artifacts(self, run_id: str) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            for name in ARTIFACTS:
+                if self.out.exists(name):
+                    self.out.fs.get(self.out.path(name), os.path.join(folder, name))
+            self.client.log_artifacts(run_id, folder)
+
+    def _log_model(self, experiment_id: str, run_id: str) -> None:
+        if not self.out.exists("model"):
+            return  # save_transform_only: maps, no pruned checkpoint
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        source = self.out.fs.unstrip_protocol(self.out.path("model"))
+        model_id = None
+        if self.settings.log_model:
+            model = self.client.create_logged_model(experiment_id, name="pruned-model", source_run_id=run_id,
+                                                    tags=self._model_tags())
+            model_id = model.model_id
+            with _local_folder(self.out, "model") as folder:
+                self.client.log_model_artifacts(model_id, folder)
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step=0)])
+            source = f"models:/{model_id}"
+        if self.settings.register_as:
+            self._register(source, run_id, model_id)
+
+    def _register(self, source: str, run_id: str, model_id: str | None) -> None:
+        """A new version under ``register_as``; an existing name gains a version, nothing is replaced."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.settings.register_as
+        try:
+            self.client.create_registered_model(name, description="Depth-pruned with ReplaceMe")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, source, run_id=run_id, tags=self._model_tags(),
+                                                   model_id=model_id)
+        log.info("mlflow: registered %s version %s", name, version.version)
+
+    def _model_tags(self) -> dict[str, str]:
+        lineage = self.report.get("lineage", {}).get("source_model", {})
+        return {"source_model": lineage.get("uri", self.report["source_model"]),
+                "source_model_digest": lineage.get("digest", ""),
+                "blocks": json.dumps(self.report["blocks"]), "method": self.report["method"]}
+
+
+def _dataset_entity(name: str, identity: dict[str, Any]):
+    """An MLflow dataset naming where the data lives and what exactly was used (its digest)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset
+
+    uri = identity["uri"]
+    if "://" in uri or os.path.isabs(uri):
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": any local source will do
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(uri)
+    else:
+        source = HuggingFaceDatasetSource(path=uri)
+    return Dataset(**MetaDataset(source, name=name, digest=identity["digest"]).to_dict())
+
+
+@contextmanager
+def _local_folder(out: OutputDir, name: str) -> Iterator[str]:
+    """A local path holding ``name`` from the output folder (downloaded when it is remote)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(out.fs, LocalFileSystem):
+        yield out.path(name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        out.fs.get(out.path(name) + "/", folder + "/", recursive=True)  # trailing slashes: copy the contents
+        yield folder
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param length limit

@@ -1,0 +1,171 @@
+"""MLflow tracking: the embedded local store, a real `mlflow server` (artifacts on the S3 test
+server), re-logging after an outage, registered model versions, redaction, and `replaceme compare`."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from conftest import BUNDLED_MODEL, CALIB, EVAL, ROOT
+from mlflow import MlflowClient
+
+from replaceme import cli
+from replaceme.config import load_config
+from replaceme.tracking import log_output
+
+pytestmark = pytest.mark.slow
+SECRET = "hf_do-not-log-me-7d2c"
+SMALL = [f"model_path={BUNDLED_MODEL}", f"dataset={CALIB}", "dataset_size=64",
+         f"eval={{dataset: {EVAL}, dataset_size: 32}}", f"token={SECRET}"]
+ARTIFACTS = {"report.json", "blocks.json", "distances.csv", "distances.png", "transforms.safetensors"}
+
+
+def quickstart_args(output_dir, *extra: str) -> list[str]:
+    sets = [*SMALL, f"output_dir={output_dir}", *extra]
+    return ["run", "--config", str(ROOT / "examples" / "quickstart.yaml"), "--quiet",
+            *[arg for item in sets for arg in ("--set", item)]]
+
+
+@pytest.fixture(scope="module")
+def finished_output(tmp_path_factory):
+    """One pruned run, not yet tracked."""
+    output = tmp_path_factory.mktemp("tracked") / "out"
+    assert cli.main(quickstart_args(output, "mlflow.enabled=false")) == 0
+    return output
+
+
+def config_for(output, **mlflow_settings):
+    sets = [*SMALL, f"output_dir={output}"] + [f"mlflow.{k}={v}" for k, v in mlflow_settings.items()]
+    return load_config(ROOT / "examples" / "quickstart.yaml", sets)
+
+
+def everything_logged(client: MlflowClient, run_id: str) -> str:
+    """All text MLflow holds about a run (params, tags, inputs), to search for secrets."""
+    run = client.get_run(run_id)
+    return json.dumps([run.data.params, run.data.tags, [d.dataset.source for d in run.inputs.dataset_inputs]])
+
+
+def test_quickstart_records_a_run_in_the_local_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(quickstart_args(tmp_path / "out", "mlflow.register_as=shakespeare-pruned")) == 0
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # the default store, in the working directory
+    experiment = client.get_experiment_by_name("replaceme")
+    [run] = client.search_runs([experiment.experiment_id])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert params["method"] == "lstsq" and params["layers_to_skip"] == "4" and params["engine.backend"] == "local"
+    assert params["token"] == "***" and SECRET not in everything_logged(client, run.info.run_id)
+
+    tags = run.data.tags
+    assert tags["source_model_digest"] == report["lineage"]["source_model"]["digest"]
+    assert tags["source_model"].endswith("examples/shakespeare-llama-16l")
+    assert tags["replaceme.version"] and tags["statistics_uri"].endswith("out/calibration")
+    assert json.loads(tags["replaceme.blocks"]) == report["blocks"]
+
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"calibration", "evaluation"}
+    assert inputs["calibration"].digest == report["lineage"]["datasets"]["calibration"]["digest"]
+    assert json.loads(inputs["calibration"].source)["uri"] == str(CALIB)
+
+    metrics = run.data.metrics
+    assert metrics["perplexity_before"] == pytest.approx(report["perplexity_before"])
+    assert metrics["retention"] == pytest.approx(report["retention"])
+    assert metrics["seconds/calibrate"] == pytest.approx(report["seconds"]["calibrate"])
+    assert metrics["peak_memory_mb/calibrate/host_rss"] > 0
+    profile = client.get_metric_history(run.info.run_id, "distance")
+    assert len(profile) == report["num_layers"] - 4  # one point per candidate block, stepped by first layer
+    [block] = report["blocks"]
+    [residual] = client.get_metric_history(run.info.run_id, "solver/relative_residual")
+    assert residual.step == block[0] and residual.value == pytest.approx(report["solver"][0]["relative_residual"])
+
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == ARTIFACTS
+    [version] = client.search_model_versions("name = 'shakespeare-pruned'")
+    assert version.run_id == run.info.run_id and json.loads(version.tags["blocks"]) == report["blocks"]
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.source_run_id == run.info.run_id
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+
+
+def test_server_run_has_artifacts_on_s3_and_register_adds_versions(finished_output, mlflow_server, s3_server):
+    first = log_output(str(finished_output), config_for(finished_output, tracking_uri=mlflow_server.tracking_uri,
+                                                         experiment="lineage", register_as="pruned"))
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.metrics["retention"] > 0.5
+    assert {a.path for a in client.list_artifacts(first)} == ARTIFACTS
+    stored = s3_server.client().list_objects_v2(Bucket=mlflow_server.artifact_bucket)["Contents"]
+    assert any(o["Key"].endswith("/report.json") for o in stored)  # through the server's proxy, onto S3
+
+    again = log_output(str(finished_output), config_for(finished_output, tracking_uri=mlflow_server.tracking_uri,
+                                                         experiment="lineage", register_as="pruned"))
+    assert again == first  # the same output logged twice is one run
+
+    other = log_output(str(finished_output), config_for(finished_output, tracking_uri=mlflow_server.tracking_uri,
+                                                         experiment="lineage-copy", register_as="pruned"))
+    versions = {int(v.version): v for v in client.search_model_versions("name = 'pruned'")}
+    assert sorted(versions) == [1, 2]  # a name clash adds a version, never overwrites
+    assert versions[1].run_id == first and versions[2].run_id == other
+
+
+def test_unreachable_server_keeps_outputs_and_relog_works(tmp_path, mlflow_server, capsys):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    output = tmp_path / "out"
+    assert cli.main(quickstart_args(output, f"mlflow.tracking_uri={dead}")) == cli.TRACKING_FAILED
+    error = capsys.readouterr().err
+    assert "tracking failed" in error and f"replaceme log {output}" in error
+    assert (output / "report.json").exists() and (output / "model" / "config.json").exists()
+
+    experiment = "relogged-after-outage"
+    assert MlflowClient(mlflow_server.tracking_uri).get_experiment_by_name(experiment) is None
+    assert cli.main(["log", str(output), "--set", f"mlflow.tracking_uri={mlflow_server.tracking_uri}",
+                     "--set", f"mlflow.experiment={experiment}"]) == 0
+    client = MlflowClient(mlflow_server.tracking_uri)
+    created = client.get_experiment_by_name(experiment)  # a missing experiment is created
+    [run] = client.search_runs([created.experiment_id])
+    assert run.data.params["mlflow.tracking_uri"] == dead and run.data.params["token"] == "***"
+
+
+def test_password_in_tracking_uri_is_never_shown_or_recorded(tmp_path, mlflow_server, capsys):
+    with_password = mlflow_server.tracking_uri.replace("http://", "http://alice:pa55word-secret@")
+    assert cli.main(quickstart_args(tmp_path / "out", f"mlflow.tracking_uri={with_password}",
+                                    "mlflow.experiment=redaction", "save_transform_only=true")) == 0
+    printed = capsys.readouterr()
+    assert "alice:***@127.0.0.1" in printed.out and "pa55word" not in printed.out + printed.err
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("redaction").experiment_id])
+    logged = everything_logged(client, run.info.run_id)
+    assert run.data.params["mlflow.tracking_uri"] == "http://alice:***@127.0.0.1:" + with_password.rsplit(":", 1)[1]
+    assert "pa55word" not in logged and SECRET not in logged
+    report = client.download_artifacts(run.info.run_id, "report.json", str(tmp_path))
+    assert "pa55word" not in open(report).read()
+
+
+def test_compare_lists_runs_and_plots(finished_output, mlflow_server, tmp_path, capsys):
+    server = mlflow_server.tracking_uri
+    log_output(str(finished_output), config_for(finished_output, tracking_uri=server, experiment="compare",
+                                                run_name="alpha-0"))
+    assert cli.main(quickstart_args(tmp_path / "ridge", "alpha=2.0", f"mlflow.tracking_uri={server}",
+                                    "mlflow.experiment=compare", "mlflow.run_name=alpha-2")) == 0
+    capsys.readouterr()
+
+    plot = tmp_path / "runs.png"
+    assert cli.main(["compare", "--experiment", "compare", "--tracking-uri", mlflow_server.tracking_uri,
+                     "--metric", "solver/relative_residual", "--sort", "solver/relative_residual",
+                     "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "method", "alpha", "blocks"]
+    # alpha 0 is the least-squares optimum of the calibration residual: it sorts first
+    assert [line.split()[0] for line in lines[1:3]] == ["alpha-0", "alpha-2"] and lines[3].startswith("plot")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert cli.main(["compare", "--experiment", "missing", "--tracking-uri", mlflow_server.tracking_uri]) == 2
+    assert "no experiment 'missing'" in capsys.readouterr().err
