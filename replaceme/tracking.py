@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,7 +104,7 @@ class _Recorder:
         # prints its own line with the URI redacted
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
-        self.client = MlflowClient(uri)
+        self.client, self.uri = MlflowClient(uri), uri
         self.settings, self.out, self.report, self.digest = settings, out, report, digest
 
     def record(self) -> str:
@@ -137,11 +138,19 @@ class _Recorder:
 
         log.info("mlflow: creating experiment %r", self.settings.experiment)
         try:
-            return self.client.create_experiment(self.settings.experiment)
+            return self.client.create_experiment(self.settings.experiment, artifact_location=self._artifact_root())
         except MlflowException as exc:  # created meanwhile by a concurrent run
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             return self.client.get_experiment_by_name(self.settings.experiment).experiment_id
+
+    def _artifact_root(self) -> str | None:
+        """For a SQLite store, artifacts beside the database (MLflow would put them under the working
+        directory, wherever that happens to be); servers choose their own."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        database = Path(self.uri.removeprefix("sqlite:///")).resolve()
+        return (database.parent / "mlruns" / self.settings.experiment).as_uri()
 
     def _existing_run(self, experiment_id: str) -> str | None:
         runs = self.client.search_runs(

@@ -7,7 +7,11 @@ bundled calibration text.
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,11 @@ from mlflow_server import mlflow_server  # noqa: F401 - session fixture, defined
 from s3_server import read_only_s3, s3_server  # noqa: F401 - session fixtures, defined once here
 
 use_ray_token_auth()  # before any test module imports Ray
+# Runs record themselves in MLflow by default (sqlite:///mlflow.db in the working directory): point
+# them at a store of the session's own, also for Ray heads and jobs started from here.
+_MLFLOW_STORE = tempfile.mkdtemp(prefix="replaceme-tests-mlflow-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_STORE}/mlflow.db"
+atexit.register(shutil.rmtree, _MLFLOW_STORE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = ROOT / "examples" / "shakespeare-llama-16l"

@@ -169,3 +169,15 @@ def test_compare_lists_runs_and_plots(finished_output, mlflow_server, tmp_path, 
 
     assert cli.main(["compare", "--experiment", "missing", "--tracking-uri", mlflow_server.tracking_uri]) == 2
     assert "no experiment 'missing'" in capsys.readouterr().err
+
+
+def test_register_by_reference_keeps_the_model_where_it_is(finished_output, tmp_path):
+    """log_model: false (for checkpoints too large to copy): the version points at output/model."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    log_output(str(finished_output), config_for(finished_output, tracking_uri=store, log_model="false",
+                                                register_as="by-reference"))
+    client = MlflowClient(store)
+    [version] = client.search_model_versions("name = 'by-reference'")
+    assert version.source == (finished_output / "model").as_uri()
+    [run] = client.search_runs([client.get_experiment_by_name("replaceme").experiment_id])
+    assert client.search_logged_models([run.info.experiment_id]) == []
