@@ -104,7 +104,8 @@ class _Recorder:
         # prints its own line with the URI redacted
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
-        self.client, self.uri = MlflowClient(uri), uri
+        # the registry too: MLflow would otherwise resolve it from $MLFLOW_TRACKING_URI or its default
+        self.client, self.uri = MlflowClient(uri, registry_uri=uri), uri
         self.settings, self.out, self.report, self.digest = settings, out, report, digest
 
     def record(self) -> str:
@@ -247,7 +248,9 @@ class _Recorder:
                 self.client.log_model_artifacts(model_id, folder)
             self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
             self.client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step=0)])
-            source = f"models:/{model_id}"
+            # its artifact location rather than models:/<id>, which MLflow's local registry store
+            # resolves through the process-wide tracking URI instead of this client's
+            source = self.client.get_logged_model(model_id).artifact_location
         if self.settings.register_as:
             self._register(source, run_id, model_id)
 

@@ -86,8 +86,8 @@ def test_quickstart_records_a_run_in_the_local_store(tmp_path, monkeypatch):
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == ARTIFACTS
     [version] = client.search_model_versions("name = 'shakespeare-pruned'")
     assert version.run_id == run.info.run_id and json.loads(version.tags["blocks"]) == report["blocks"]
-    model = client.get_logged_model(version.source.removeprefix("models:/"))
-    assert model.source_run_id == run.info.run_id
+    [model] = client.search_logged_models([experiment.experiment_id])
+    assert model.source_run_id == run.info.run_id and version.source == model.artifact_location
     files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
 
@@ -171,12 +171,23 @@ def test_compare_lists_runs_and_plots(finished_output, mlflow_server, tmp_path, 
     assert "no experiment 'missing'" in capsys.readouterr().err
 
 
+def test_register_in_a_store_other_than_the_environments(finished_output, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's own default store would land here
+    store = f"sqlite:///{tmp_path}/elsewhere.db"
+    log_output(str(finished_output), config_for(finished_output, tracking_uri=store, register_as="elsewhere"))
+    client = MlflowClient(store, registry_uri=store)
+    [version] = client.search_model_versions("name = 'elsewhere'")
+    [model] = client.search_logged_models([client.get_experiment_by_name("replaceme").experiment_id])
+    assert version.source == model.artifact_location and version.run_id == model.source_run_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.db", "mlruns"]
+
+
 def test_register_by_reference_keeps_the_model_where_it_is(finished_output, tmp_path):
     """log_model: false (for checkpoints too large to copy): the version points at output/model."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     log_output(str(finished_output), config_for(finished_output, tracking_uri=store, log_model="false",
                                                 register_as="by-reference"))
-    client = MlflowClient(store)
+    client = MlflowClient(store, registry_uri=store)
     [version] = client.search_model_versions("name = 'by-reference'")
     assert version.source == (finished_output / "model").as_uri()
     [run] = client.search_runs([client.get_experiment_by_name("replaceme").experiment_id])
