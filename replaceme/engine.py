@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
 from replaceme.layerwise import LayerwiseModel
-from replaceme.stats import BlockStats
+from replaceme.stats import AngleSums, BlockStats
 
 Block = tuple[int, int]
 KWARGS_CACHE_BYTES = 512 * 2**20
@@ -135,22 +135,27 @@ class LocalEngine:
 
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
         """Mean angular distance ``arccos(cos(h_{s-1}, h_{e-1}))/π`` for every block of ``block_size``
-        layers that starts at layer 1 or later: ``[(s, e, distance), …]``."""
-        count = self.model.num_layers
-        if block_size >= count:
-            raise ReplaceMeError(f"layers_to_skip: {block_size} must be smaller than the model's {count} layers")
-        window: deque[list[torch.Tensor]] = deque(maxlen=block_size + 1)
-        results = []
+        layers that starts at layer 1 or later: ``[(s, e, distance), …]``.
+
+        Layer-major like every pass here, so each layer's weights are read once; the price is that
+        the block ending at layer j needs ``h_{j-L}`` of *every* batch when ``h_j`` is computed, so
+        the token rows of the whole set after the last L+1 layers stay in memory. Holding only L+1
+        states of one batch needs batch-major order, which would reload every layer for every batch
+        here; the Ray stages do that with their layers resident (``engine.backend: ray``).
+        """
+        angles = angle_sums(block_size, self.model.num_layers)
+        window: deque[list[torch.Tensor]] = deque()  # per-batch rows after layers index-L … index
         stream = self.embed()
-        with self._bar(count, "profile") as bar:
-            for index in range(count):
+        with self._bar(self.model.num_layers, "profile") as bar:
+            for index in range(self.model.num_layers):
                 stream, _ = self.run_layer(index, stream)
                 bar.update()
                 window.append(self.rows(stream))
-                start = index - block_size + 1
-                if start >= 1 and len(window) == block_size + 1:
-                    results.append((start, index + 1, _mean_angular_distance(window[0], window[-1])))
-        return results
+                start = angles.start_of_block_ending_at(index)
+                if start is not None:  # h_{index-L} is used for the last time: drop it before the next layer
+                    for before, after in zip(window.popleft(), window[-1]):
+                        angles.add(start, before, after)
+        return angles.distances()
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -216,6 +221,13 @@ class LocalEngine:
         return [apply_map(h, xb, transform) for h, xb in zip(stream, x)]
 
 
+def angle_sums(block_size: int, num_layers: int) -> AngleSums:
+    """Empty distance sums for blocks of ``block_size`` layers, refused when none fits the model."""
+    if block_size >= num_layers:
+        raise ReplaceMeError(f"layers_to_skip: {block_size} must be smaller than the model's {num_layers} layers")
+    return AngleSums(block_size)
+
+
 def check_finite(index: int, out: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:
     """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly)."""
     if not torch.isfinite(out).all() and not torch.isfinite(out[attention_mask.to(out.device).bool()]).all():
@@ -231,15 +243,6 @@ def apply_map(h: torch.Tensor, x: torch.Tensor, transform: torch.Tensor) -> torc
     t = transform.to(device=h.device, dtype=torch.float64)
     x64 = x.to(torch.float64)
     return (h.to(torch.float64) - x64 + x64 @ t).to(h.dtype)
-
-
-def _mean_angular_distance(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for a, b in zip(before, after):
-        cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
-        total += float(torch.arccos(cos).sum() / math.pi)
-        count += a.shape[0]
-    return total / count
 
 
 def _nbytes(value: object) -> int:

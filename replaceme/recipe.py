@@ -167,9 +167,8 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
         if c.distances_path and os.path.exists(c.distances_path):
             distances = distances_from_csv(Path(c.distances_path).read_text(), c.distances_path)
             log.info("reusing block distances from %s", c.distances_path)
-        else:
-            engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
-            distances = engine.distances(c.layers_to_skip)
+        else:  # in this process, or on the Ray stage actors with engine.backend: ray
+            distances = calibration_engine(ctx).distances(c.layers_to_skip)
         blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
                                merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
     csv_text = distances_to_csv(distances)
@@ -202,7 +201,8 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
 
 
 def calibration_engine(ctx: Context):
-    """The in-process engine, or stage actors on a Ray cluster (``engine.backend: ray``)."""
+    """The engine of the passes over the calibration set (``distances`` for profile, ``calibrate``):
+    in this process, or stage actors on a Ray cluster (``engine.backend: ray``)."""
     c = ctx.config
     if c.engine.backend == "local":
         return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)

@@ -1,12 +1,16 @@
-"""Sufficient statistics of the least-squares problem ``X·T ≈ Y`` for one block.
+"""Statistics accumulated over the calibration set, mergeable by addition.
 
-Accumulated in float64 over every non-padding calibration token; partial statistics from
-different batches or workers merge by addition, so the solve happens once at the end.
+* :class:`BlockStats` — sufficient statistics of the least-squares problem ``X·T ≈ Y`` for one block;
+* :class:`AngleSums` — sums of the angular distance of every candidate block (block selection).
+
+Both are accumulated in float64 over every non-padding calibration token; partials from different
+batches, stages or workers merge by addition, so the solve (or the mean) happens once at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_bytes
@@ -59,3 +63,40 @@ class BlockStats:
     def from_bytes(cls, raw: bytes) -> BlockStats:
         tensors = load_bytes(raw)
         return cls(tensors["xtx"], tensors["xty"], float(tensors["yty_trace"]), int(tensors["tokens"]))
+
+
+@dataclass
+class AngleSums:
+    """Per candidate block ``[s, s+L)``: the sum over tokens of ``arccos(cos(h_{s-1}, h_{s+L-1}))``
+    and the token count. The distance of a block is a mean over tokens, so it decomposes into
+    per-batch sums: an engine never needs more than the hidden states of the window it slides."""
+
+    block_size: int  # L
+    sums: dict[int, float] = field(default_factory=dict)  # start s → float64 sum of angles (radians)
+    tokens: dict[int, int] = field(default_factory=dict)  # start s → non-padding tokens added
+
+    def start_of_block_ending_at(self, index: int) -> int | None:
+        """The start of the candidate block whose last layer is ``index`` (none before layer 1:
+        the map of a block is folded into the layer before it)."""
+        start = index - self.block_size + 1
+        return start if start >= 1 else None
+
+    def add(self, start: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Add token rows ([n, d], padding dropped) of ``h_{s-1}`` and ``h_{s+L-1}``. Cosines stay in
+        float32, as they always were computed (arccos near 1 amplifies any change of precision, and
+        would move published profiles); only the sums of their angles are float64."""
+        cos = torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1).clamp(-1.0, 1.0)
+        self.sums[start] = self.sums.get(start, 0.0) + float(torch.arccos(cos).sum(dtype=torch.float64))
+        self.tokens[start] = self.tokens.get(start, 0) + before.shape[0]
+
+    def __iadd__(self, other: AngleSums) -> AngleSums:
+        if other.block_size != self.block_size:
+            raise ValueError(f"angle sums of {other.block_size}-layer blocks added to {self.block_size}-layer ones")
+        for start, total in other.sums.items():
+            self.sums[start] = self.sums.get(start, 0.0) + total
+            self.tokens[start] = self.tokens.get(start, 0) + other.tokens[start]
+        return self
+
+    def distances(self) -> list[tuple[int, int, float]]:
+        """``[(s, e, mean angular distance / π), …]`` ordered by start."""
+        return [(s, s + self.block_size, self.sums[s] / self.tokens[s] / math.pi) for s in sorted(self.sums)]

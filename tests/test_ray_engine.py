@@ -1,29 +1,34 @@
 """The Ray engine against the in-process engine, on a real Ray head on loopback.
 
-R replicas × S stages must give the same statistics and maps as one process, to float64
-round-off (the partial sums are only added in another order); a stage actor killed mid-run is
-restarted and its shard re-run, with the same result; a rerun resumes from committed shards.
+R replicas × S stages must give the same statistics, maps and block distances as one process, to
+float64 round-off (the partial sums are only added in another order); a stage actor killed
+mid-run is restarted and its shard re-run, with the same result; a rerun resumes from committed
+shards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 
-from conftest import BUNDLED_MODEL, CALIB
-from replaceme import recipe
+from conftest import BUNDLED_MODEL, CALIB, write_config
+from replaceme import cli, recipe
 from replaceme.config import validate_config
+from replaceme.distributed.stage import Payload, PhasePlan, Stage, StageRestarted
 from replaceme.engine import LocalEngine
 from replaceme.errors import ReplaceMeError
 
 ray = pytest.importorskip("ray")
 
 BLOCKS = [(3, 6), (8, 10)]
+PROFILED = 6  # block size profiled: longer than the stages of S=3 (4-6 layers), so windows cross stages
 
 
 def settings(tmp_path, head, **overrides) -> dict:
@@ -34,16 +39,23 @@ def settings(tmp_path, head, **overrides) -> dict:
     return {**config, **overrides}
 
 
-def reference(config, sequential: bool):
-    """The in-process engine's maps, single-threaded as each 1-CPU stage actor is."""
-    ctx = recipe.Context(config, progress=False)
+@contextmanager
+def single_threaded():
+    """As each 1-CPU stage actor runs (float32 sums inside a layer depend on the thread count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False)
-        return engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=sequential)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def reference(config, sequential: bool):
+    """The in-process engine's maps, single-threaded as each 1-CPU stage actor is."""
+    ctx = recipe.Context(config, progress=False)
+    with single_threaded():
+        engine = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False)
+        return engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=sequential)
 
 
 def distributed(config, sequential: bool):
@@ -70,6 +82,56 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_replicas_and_stages_match_the_in_process_engine(tmp_path, ray_head, replicas, stages):
     config = validate_config(settings(tmp_path, ray_head, engine={"replicas": replicas, "stages": stages}))
     assert_same(reference(config, sequential=True), distributed(config, sequential=True))
+
+
+@pytest.mark.parametrize("replicas,stages", [(1, 1), (2, 2), (1, 3)])
+def test_distances_match_the_in_process_engine(tmp_path, ray_head, replicas, stages):
+    config = validate_config(settings(tmp_path, ray_head, engine={"replicas": replicas, "stages": stages}))
+    ctx = recipe.Context(config, progress=False)
+    with single_threaded():
+        expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).distances(PROFILED)
+    got = recipe.calibration_engine(ctx).distances(PROFILED)
+    assert [(s, e) for s, e, _ in got] == [(s, e) for s, e, _ in expected] == [(s, s + PROFILED) for s in range(1, 11)]
+    worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected, got))
+    print("distances: largest relative difference", worst)
+    assert worst <= 1e-12
+
+
+def test_profile_on_ray_selects_the_blocks_chosen_in_process(tmp_path, ray_head):
+    job = write_config(tmp_path / "job.yaml", **settings(
+        tmp_path, ray_head, layers_to_skip=3, num_A=2, merge_consecutive=False, engine={"stages": 2}))
+    chosen = {}
+    for backend in ("local", "ray"):
+        out = tmp_path / backend
+        overrides = ["--set", f"engine.backend={backend}", "--set", f"output_dir={out}"]
+        assert cli.main(["profile", "--config", str(job), "--quiet", *overrides]) == 0
+        chosen[backend] = json.loads((out / "blocks.json").read_text()), _read_distances(out)
+    (local_blocks, local_distances), (ray_blocks, ray_distances) = chosen["local"], chosen["ray"]
+    assert ray_blocks == local_blocks and len(local_blocks) == 2
+    assert ray_distances == pytest.approx(local_distances, rel=1e-6)  # (in process on all threads)
+
+
+def test_a_retried_shard_counts_its_distances_once(tmp_path):
+    """On one stage object (no actors): attempt 0 saw one batch before its worker died, attempt 1
+    sees the whole shard; finishing attempt 1 returns only its sums and forgets attempt 0."""
+    config = dict(model_path=str(BUNDLED_MODEL), dataset=str(CALIB), dataset_size=16, batch_size=8, max_length=64,
+                  output_dir=str(tmp_path / "out"))
+    ctx = recipe.Context(validate_config(config), progress=False)
+    batches = ctx.batches[:2]
+    stage = Stage(str(BUNDLED_MODEL), range(ctx.num_layers), device="cpu", dtype="float32")
+    stage.set_plan(PhasePlan((), {}, ctx.num_layers, save_rows=False, profile=PROFILED))
+    with single_threaded():
+        for attempt, seen in ((0, batches[:1]), (1, batches)):
+            for batch in seen:
+                stage.forward(Payload(0, attempt, batch.input_ids, batch.attention_mask))
+        expected = LocalEngine(ctx.layerwise(ctx.checkpoint), batches, progress=False).distances(PROFILED)
+    assert stage.finish_profile(0, 1).distances() == expected
+    with pytest.raises(StageRestarted):  # attempt 0 is gone: it can never be counted
+        stage.finish_profile(0, 0)
+
+
+def _read_distances(out) -> list[float]:
+    return [float(line.split(",")[2]) for line in (out / "distances.csv").read_text().splitlines()[1:]]
 
 
 def test_fit_on_the_unpruned_model_in_one_pass(tmp_path, ray_head):

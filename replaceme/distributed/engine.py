@@ -1,10 +1,13 @@
-"""Calibration on a Ray cluster: R replicas × S pipelined stage actors, statistics reduced in a tree.
+"""Profile and calibration on a Ray cluster: R replicas × S pipelined stage actors, statistics
+reduced in a tree.
 
 The calibration set is cut into data shards (``engine.batches_per_shard`` batches each); shards
 go to whichever replica has room, their micro-batches flow stage to stage with several in flight,
 and the stage ending a block returns (and, with an activation store, commits) the shard's
 partial statistics. Partials are summed pairwise on the stage actors, level by level (a tree),
 so no process holds more than a few of them at once, and each block is solved once on the driver.
+Block selection (``distances``) runs the same way over every layer; its partials are a float and a
+token count per candidate block, so the driver simply sums them.
 
 A worker that dies takes its shard's unfinished partials with it: the actor is restarted and the
 shard is re-run under a new attempt number, so every shard counts exactly once. With an activation
@@ -32,7 +35,7 @@ from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.distributed.cluster import connect, reserve, require_ray
 from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
-from replaceme.engine import BlockCapture, Estimator
+from replaceme.engine import BlockCapture, Estimator, angle_sums
 from replaceme.errors import ReplaceMeError
 from replaceme.planner import layer_weights, model_shape, split_stages
 from replaceme.stats import BlockStats
@@ -56,9 +59,10 @@ class _Shard:
     index: int
     batches: list[Batch]
     attempt: int = 0
-    outputs: list = field(default_factory=list)  # refs awaited: last-stage results, then token counts
+    outputs: list = field(default_factory=list)  # refs awaited: last-stage results, then token counts or angle sums
     waiting: set = field(default_factory=set)  # of those, not yet returned
     stats: dict | None = None  # block → partials ref, once the shard's forward is done
+    results: list = field(default_factory=list)  # what the stages' finish calls returned (small)
 
 
 @dataclass
@@ -81,7 +85,7 @@ class StageSettings:
 
 
 class RayEngine:
-    """Same ``calibrate`` pass as :class:`replaceme.engine.LocalEngine`, on a Ray cluster."""
+    """Same ``distances`` and ``calibrate`` passes as :class:`replaceme.engine.LocalEngine`, on a Ray cluster."""
 
     def __init__(self, settings: StageSettings, batches: Sequence[Batch], engine: EngineConfig, *,
                  store=None, save_rows: bool = False, progress: bool = True) -> None:
@@ -96,6 +100,25 @@ class RayEngine:
         self.shards = [list(batches[i:i + size]) for i in range(0, len(batches), size)]
         self.ray = connect(engine.address)
         self.seconds = {"start_workers": 0.0, "passes": 0.0}  # actor start and layer loading vs. the passes
+
+    def distances(self, block_size: int) -> list[tuple[int, int, float]]:
+        """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later,
+        on stages covering every layer (the candidate blocks span the whole depth). Each micro-batch
+        carries its rows after the last ``block_size`` layers across stage boundaries, each stage adds
+        the angles of the blocks ending on it per shard attempt, and the driver sums the shards'
+        partials (a float and a count per block), each shard once (its completed attempt)."""
+        num_layers = int(self.settings.model_config["num_hidden_layers"])
+        angles = angle_sums(block_size, num_layers)
+        pipelines = self._start_pipelines(num_layers)
+        try:
+            plan = PhasePlan((), {}, num_layers, save_rows=False, profile=block_size)
+            self._send_plan(pipelines, plan)
+            for shard in self._run_shards(pipelines, plan, committed=set()):
+                for partial in shard.results:
+                    angles += partial
+        finally:
+            self._stop(pipelines)
+        return angles.distances()
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -128,31 +151,10 @@ class RayEngine:
     def _run_phase(self, pipelines: list[_Pipeline], plan: PhasePlan) -> dict[Block, BlockStats]:
         self._send_plan(pipelines, plan)
         committed = self._committed(plan)
-        queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
         partials: dict[Block, list] = {b: [] for b in plan.blocks}
-        pending: dict[object, tuple[_Pipeline, _Shard]] = {}  # outstanding ref → its shard
-        # At least two shards per pipeline, so its actors have queued work while a shard is finished.
-        per_pipeline = max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
-        with tqdm(total=len(self.shards), initial=len(committed), desc="calibrate", unit="shard",
-                  disable=not self.progress, leave=False) as bar:
-            while queue or pending:
-                for pipeline in sorted(pipelines, key=lambda p: p.running):
-                    if queue and pipeline.running < per_pipeline:
-                        self._submit(pipeline, queue.popleft(), plan, pending)
-                pipeline, shard = self._next_returned(pending)
-                try:
-                    self.ray.get(shard.outputs)  # small (no hidden states come back); raises what failed
-                    if shard.stats is None:  # forward done: collect its partials, without waiting
-                        self._finish(pipeline, shard, plan, pending)
-                        continue
-                    for block, ref in shard.stats.items():
-                        partials[block].append(ref)
-                    bar.update()
-                except Exception as exc:  # noqa: BLE001 - _retry_or_raise re-raises what is not a worker death
-                    self._retry_or_raise(exc, shard)
-                    self._wait_alive(pipeline, plan)
-                    queue.appendleft(shard)
-                pipeline.running -= 1
+        for shard in self._run_shards(pipelines, plan, committed):
+            for block, ref in shard.stats.items():
+                partials[block].append(ref)
         totals = {}
         reducers = [actor for p in pipelines for actor, layers in p.stages if layers.start < plan.end_layer]
         for block in plan.blocks:
@@ -162,6 +164,35 @@ class RayEngine:
             if self.store is not None:  # written last: the block's rows and statistics are complete
                 self.store.write_manifest(block, totals[block].xtx.shape[0], expected_shards=len(self.shards))
         return totals
+
+    def _run_shards(self, pipelines: list[_Pipeline], plan: PhasePlan, committed: set[int]) -> list[_Shard]:
+        """Every shard not yet committed through the pipelines, retried where a worker died; returns
+        each shard once, as its last (complete) attempt left it."""
+        queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
+        done, pending = [], {}  # pending: outstanding ref → (pipeline, shard)
+        # At least two shards per pipeline, so its actors have queued work while a shard is finished.
+        per_pipeline = max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
+        with tqdm(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
+                  unit="shard", disable=not self.progress, leave=False) as bar:
+            while queue or pending:
+                for pipeline in sorted(pipelines, key=lambda p: p.running):
+                    if queue and pipeline.running < per_pipeline:
+                        self._submit(pipeline, queue.popleft(), plan, pending)
+                pipeline, shard = self._next_returned(pending)
+                try:
+                    results = self.ray.get(shard.outputs)  # small (no hidden states come back); raises what failed
+                    if shard.stats is None:  # forward done: collect its partials, without waiting
+                        self._finish(pipeline, shard, plan, pending)
+                        continue
+                    shard.results = results
+                    done.append(shard)
+                    bar.update()
+                except Exception as exc:  # noqa: BLE001 - _retry_or_raise re-raises what is not a worker death
+                    self._retry_or_raise(exc, shard)
+                    self._wait_alive(pipeline, plan)
+                    queue.appendleft(shard)
+                pipeline.running -= 1
+        return done
 
     def _send_plan(self, pipelines: list[_Pipeline], plan: PhasePlan) -> None:
         self.ray.get([actor.set_plan.remote(plan) for p in pipelines for actor, _ in p.stages])
@@ -192,9 +223,13 @@ class RayEngine:
 
     def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
         """Ask the stages ending a block for the shard's partials. They stay object refs: the driver
-        waits for the small token counts (proof that they were produced) but never fetches them."""
+        waits for the small token counts (proof that they were produced) but never fetches them.
+        A profile pass's partials are themselves small: the driver fetches them."""
         shard.stats, shard.outputs = {}, []
         for actor, layers in pipeline.stages:
+            if plan.profile:  # every stage holds angle sums (a float per block): fetched by the driver
+                shard.outputs.append(actor.finish_profile.remote(shard.index, shard.attempt))
+                continue
             ending = [b for b in plan.blocks if b[1] - 1 in layers]
             if ending:
                 *refs, tokens = actor.finish_shard.options(num_returns=len(ending) + 1).remote(shard.index, shard.attempt)

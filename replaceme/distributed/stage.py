@@ -3,8 +3,10 @@
 The stage loads its own layers straight from the checkpoint shards (local path or fsspec URI),
 so the driver never touches weights. Micro-batches arrive as :class:`Payload` and leave for the
 next stage; a block's taps (``h_{s-1}`` and ``X`` rows) travel with the payload until the stage
-holding layer ``e-1`` turns them into statistics. Statistics accumulate per (block, shard,
-attempt): a retried shard starts from zero, so a shard's partials count once.
+holding layer ``e-1`` turns them into statistics. A profile pass (block selection) instead
+carries the token rows after the last L layers, and each stage adds the angular distance of every
+block ending on it. Partials accumulate per (shard, attempt): a retried shard starts from zero,
+so a shard's partials count once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from replaceme.checkpoint import Checkpoint
 from replaceme.engine import apply_map, check_finite
 from replaceme.layerwise import LayerwiseModel
-from replaceme.stats import BlockStats
+from replaceme.stats import AngleSums, BlockStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
@@ -36,6 +38,7 @@ class PhasePlan:
     applied: dict[Block, torch.Tensor]  # solved earlier: their layers skipped, their map applied
     end_layer: int  # the pass stops before this layer
     save_rows: bool  # stream (X, Y, residual) rows to the activation store
+    profile: int = 0  # L > 0: measure the distances of L-layer blocks (block selection) instead
 
     @property
     def skipped(self) -> set[int]:
@@ -50,6 +53,7 @@ class Payload:
     attention_mask: torch.Tensor
     hidden: torch.Tensor | None = None
     taps: dict[Block, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    window: list[torch.Tensor] = field(default_factory=list)  # profile: rows after the last L layers, oldest first
 
 
 class Stage:
@@ -65,6 +69,7 @@ class Stage:
         self.store = store
         self.plan: PhasePlan | None = None
         self._stats: dict[tuple[Block, int, int], BlockStats] = {}
+        self._angles: dict[tuple[int, int], AngleSums] = {}  # (shard, attempt) → profile partials
         self._writers: dict[tuple[Block, int, int], object] = {}
 
     def ready(self) -> bool:
@@ -84,6 +89,9 @@ class Stage:
             hidden = self.model.embed(payload.input_ids, mask)
         else:
             hidden = payload.hidden.to(self.device)
+        if plan.profile:  # created even when no block ends here: a missing entry means a restart
+            self._angles.setdefault((payload.shard, payload.attempt), AngleSums(plan.profile))
+            payload.window = [rows.to(self.device) for rows in payload.window]
         kwargs_by_key: dict[int, dict] = {}
         skipped = plan.skipped
         for index in self.layers:
@@ -95,7 +103,9 @@ class Stage:
             if key not in kwargs_by_key:
                 kwargs_by_key[key] = self.model.layer_kwargs(index, mask)
             hidden = self._run_layer(index, hidden, kwargs_by_key[key], payload, plan, mask)
-        payload.hidden = hidden.cpu() if self.layers.stop < plan.end_layer else None
+        last = self.layers.stop >= plan.end_layer  # nothing but small results goes back to the driver
+        payload.hidden = None if last else hidden.cpu()
+        payload.window = [] if last else [rows.cpu() for rows in payload.window]
         return payload
 
     def _run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict, payload: Payload, plan: PhasePlan,
@@ -122,7 +132,18 @@ class Stage:
         for block in plan.blocks:
             if block[1] - 1 == index:
                 self._close_block(block, out[rows].float().cpu(), payload, plan)
+        if plan.profile:
+            self._add_angles(index, out[rows], payload)
         return out
+
+    def _add_angles(self, index: int, rows: torch.Tensor, payload: Payload) -> None:
+        """Slide the payload's window on by layer ``index`` and add the block ending there (its
+        ``h_{s-1}`` leaves the window: L rows per micro-batch cross a stage boundary, never more)."""
+        payload.window.append(rows)
+        angles = self._angles[(payload.shard, payload.attempt)]
+        start = angles.start_of_block_ending_at(index)
+        if start is not None:
+            angles.add(start, payload.window.pop(0), rows)
 
     def _close_block(self, block: Block, h_after: torch.Tensor, payload: Payload, plan: PhasePlan) -> None:
         h_before, x = payload.taps.pop(block)
@@ -155,6 +176,16 @@ class Stage:
         self._drop_stale(shard, attempt)
         return [*finished, sum(s.tokens for s in finished)]
 
+    def finish_profile(self, shard: int, attempt: int) -> AngleSums:
+        """Angle sums of the blocks ending on this stage for one shard attempt (a float and a count
+        per block, returned to the driver). Stale attempts of the shard are dropped."""
+        angles = self._angles.pop((shard, attempt), None)
+        if angles is None:
+            raise StageRestarted(f"stage {self.layers} has no distances for shard {shard}, attempt {attempt} "
+                                 "(restarted since)")
+        self._drop_stale(shard, attempt)
+        return angles
+
     def add_stats(self, a: BlockStats, b: BlockStats) -> BlockStats:
         """One step of the driver's tree reduction of partial statistics."""
         a += b
@@ -165,7 +196,14 @@ class Stage:
         return self.store.load_stats(block, shard)
 
     def _drop_stale(self, shard: int, attempt: int) -> None:
-        for key in [k for k in self._stats if k[1] == shard and k[2] < attempt]:
+        for key in _earlier(self._stats, shard, attempt):
             del self._stats[key]
-        for key in [k for k in self._writers if k[1] == shard and k[2] < attempt]:
+        for key in _earlier(self._angles, shard, attempt):
+            del self._angles[key]
+        for key in _earlier(self._writers, shard, attempt):
             self._writers.pop(key).close()
+
+
+def _earlier(partials: dict, shard: int, attempt: int) -> list[tuple]:
+    """Keys (ending with shard, attempt) of the shard's earlier attempts."""
+    return [key for key in partials if key[-2] == shard and key[-1] < attempt]
