@@ -123,9 +123,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _plan(config, args)
     progress = not args.quiet
     if args.command == "run":
-        report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
+        tracker = _tracker(config)  # opens MLflow while the run computes
+        try:
+            report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
+        except BaseException:
+            if tracker:
+                tracker.cancel()
+            raise
         print(summary(report, config.output_dir))
-        return _track(config, config.output_dir) if config.mlflow.enabled else 0
+        return _track(config, config.output_dir, tracker) if tracker else 0
     ctx = recipe.Context(config, progress=progress)
     out = OutputDir(config.output_dir, ctx.output_options)
     if args.command == "profile":
@@ -143,13 +149,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _track(config: Any, output_dir: str) -> int:
+def _tracker(config: Any) -> Any:
+    if not config.mlflow.enabled:
+        return None
+    from replaceme.tracking import TrackerProcess
+
+    return TrackerProcess(config)
+
+
+def _track(config: Any, output_dir: str, tracker: Any) -> int:
     """Record the finished run in MLflow; a failure leaves the outputs as they are."""
-    from replaceme.tracking import TrackingError, log_output, tracking_uri
     from replaceme.config import redact_uri
+    from replaceme.tracking import TrackingError, tracking_uri
 
     try:
-        run_id = log_output(output_dir, config)
+        run_id = tracker.log(output_dir)
     except TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return TRACKING_FAILED
@@ -158,8 +172,9 @@ def _track(config: Any, output_dir: str) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
-    from replaceme.config import load_config, validate_config
+    from replaceme.config import load_config
     from replaceme.outputs import OutputDir
+    from replaceme.tracking import Tracker
 
     if args.config:
         config = load_config(args.config, [*args.overrides, f"output_dir={args.output_dir}"])
@@ -170,7 +185,7 @@ def _log(args: argparse.Namespace) -> int:
                                  "logged (for s3:// outputs pass --config with the storage settings)")
         recorded = json.loads(out.read_text("report.json"))["config"]
         config = load_config(None, [*_recorded_settings(recorded), *args.overrides, f"output_dir={args.output_dir}"])
-    return _track(config, args.output_dir)
+    return _track(config, args.output_dir, Tracker(config))
 
 
 def _recorded_settings(recorded: dict[str, Any]) -> list[str]:

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -47,21 +49,75 @@ def log_output(output_uri: str, config: ReplaceMeConfig) -> str:
 
     Logging the same output twice finds the first run instead of adding a duplicate.
     """
-    out = OutputDir(output_uri, _storage_options(output_uri, config))
-    if not out.exists("report.json"):
-        raise ReplaceMeError(f"output_dir: {output_uri} has no report.json; only a finished run can be logged")
-    report_text = out.read_text("report.json")
-    report = json.loads(report_text)
-    uri = tracking_uri(config.mlflow)
-    try:
-        _check_reachable(uri)
-        return _Recorder(uri, config.mlflow, out, report, _digest(report_text)).record()
-    except ReplaceMeError:
-        raise
-    except ConnectionError as exc:
-        raise tracking_failed(uri, output_uri, str(exc)) from None
-    except Exception as exc:  # MLflow, HTTP, storage: the run is done, only its record failed
-        raise tracking_failed(uri, output_uri, f"{type(exc).__name__}: {exc}") from None
+    return Tracker(config).log(output_uri)
+
+
+class Tracker:
+    """The MLflow store and experiment of a run; :meth:`open` may be called ahead of :meth:`log`."""
+
+    def __init__(self, config: ReplaceMeConfig) -> None:
+        self.config, self.settings, self.uri = config, config.mlflow, tracking_uri(config.mlflow)
+        self._opened: tuple[Any, str] | None = None  # (client, experiment id)
+        self._error: Exception | None = None
+
+    def log(self, output_uri: str) -> str:
+        out = OutputDir(output_uri, _storage_options(output_uri, self.config))
+        if not out.exists("report.json"):
+            raise ReplaceMeError(f"output_dir: {output_uri} has no report.json; only a finished run can be logged")
+        report_text = out.read_text("report.json")
+        if self._opened is None and self._error is None:
+            self.open()
+        try:
+            if self._error is not None:
+                raise self._error
+            client, experiment_id = self._opened
+            return _Recorder(client, experiment_id, self.settings, out, json.loads(report_text),
+                             _digest(report_text)).record()
+        except ReplaceMeError:
+            raise
+        except ConnectionError as exc:
+            raise tracking_failed(self.uri, output_uri, str(exc)) from None
+        except Exception as exc:  # MLflow, HTTP, storage: the run is done, only its record failed
+            raise tracking_failed(self.uri, output_uri, f"{type(exc).__name__}: {exc}") from None
+
+    def open(self) -> None:
+        """Import MLflow, open the store and the experiment (seconds); errors wait for log()."""
+        try:
+            _check_reachable(self.uri)
+            from mlflow import MlflowClient
+
+            # MLflow prints "View run at <tracking URI>" on finishing a run, password included; the
+            # CLI prints its own line with the URI redacted
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+            # MLflow's usage telemetry calls an outside service: off unless the user turns it on
+            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+            # the registry too: MLflow would otherwise resolve it from $MLFLOW_TRACKING_URI or its default
+            client = MlflowClient(self.uri, registry_uri=self.uri)
+            self._opened = client, self._experiment(client)
+        except Exception as exc:  # reported by log(), where the outputs are known
+            self._error = exc
+
+    def _experiment(self, client: Any) -> str:
+        found = client.get_experiment_by_name(self.settings.experiment)
+        if found is not None:
+            return found.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        log.info("mlflow: creating experiment %r", self.settings.experiment)
+        try:
+            return client.create_experiment(self.settings.experiment, artifact_location=self._artifact_root())
+        except MlflowException as exc:  # created meanwhile by a concurrent run
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client.get_experiment_by_name(self.settings.experiment).experiment_id
+
+    def _artifact_root(self) -> str | None:
+        """For a SQLite store, artifacts beside the database (MLflow would put them under the working
+        directory, wherever that happens to be); servers choose their own."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        database = Path(self.uri.removeprefix("sqlite:///")).resolve()
+        return (database.parent / "mlruns" / self.settings.experiment).as_uri()
 
 
 def tracking_failed(uri: str, output_uri: str, reason: str) -> TrackingError:
@@ -97,19 +153,13 @@ def _digest(text: str) -> str:
 class _Recorder:
     """One MLflow run from one output folder."""
 
-    def __init__(self, uri: str, settings: MlflowConfig, out: OutputDir, report: dict[str, Any], digest: str) -> None:
-        from mlflow import MlflowClient
-
-        # MLflow prints "View run at <tracking URI>" on finishing a run, password included; the CLI
-        # prints its own line with the URI redacted
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-        # the registry too: MLflow would otherwise resolve it from $MLFLOW_TRACKING_URI or its default
-        self.client, self.uri = MlflowClient(uri, registry_uri=uri), uri
+    def __init__(self, client: Any, experiment_id: str, settings: MlflowConfig, out: OutputDir,
+                 report: dict[str, Any], digest: str) -> None:
+        self.client, self.experiment_id = client, experiment_id
         self.settings, self.out, self.report, self.digest = settings, out, report, digest
 
     def record(self) -> str:
-        experiment_id = self._experiment()
+        experiment_id = self.experiment_id
         existing = self._existing_run(experiment_id)
         if existing:
             log.info("mlflow: %s is already recorded as run %s", self.out.uri, existing)
@@ -130,28 +180,6 @@ class _Recorder:
         return run_id
 
     # --- run and identity ---------------------------------------------------------------------
-
-    def _experiment(self) -> str:
-        found = self.client.get_experiment_by_name(self.settings.experiment)
-        if found is not None:
-            return found.experiment_id
-        from mlflow.exceptions import MlflowException
-
-        log.info("mlflow: creating experiment %r", self.settings.experiment)
-        try:
-            return self.client.create_experiment(self.settings.experiment, artifact_location=self._artifact_root())
-        except MlflowException as exc:  # created meanwhile by a concurrent run
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(self.settings.experiment).experiment_id
-
-    def _artifact_root(self) -> str | None:
-        """For a SQLite store, artifacts beside the database (MLflow would put them under the working
-        directory, wherever that happens to be); servers choose their own."""
-        if not self.uri.startswith("sqlite:///"):
-            return None
-        database = Path(self.uri.removeprefix("sqlite:///")).resolve()
-        return (database.parent / "mlruns" / self.settings.experiment).as_uri()
 
     def _existing_run(self, experiment_id: str) -> str | None:
         runs = self.client.search_runs(
@@ -316,3 +344,69 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 6000 else text[:5997] + "..."  # MLflow's param length limit
+
+
+# --- tracking beside the run ------------------------------------------------------------------
+
+
+class TrackerProcess:
+    """A :class:`Tracker` in a child process, started when the run starts.
+
+    Importing MLflow and opening its store costs seconds, as long as a small run. A child process
+    at low CPU priority does it on the cores the run leaves idle; a thread would not, because it
+    would contend for the interpreter lock with the run's own Python. The config travels over a
+    pipe (it may hold credentials), never on the command line.
+    """
+
+    def __init__(self, config: ReplaceMeConfig) -> None:
+        self.uri = tracking_uri(config.mlflow)
+        self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.process.stdin.write(json.dumps(_revealed(config)) + "\n")
+        self.process.stdin.flush()
+
+    def log(self, output_uri: str) -> str:
+        answer, _ = self.process.communicate(output_uri + "\n")
+        try:
+            result = json.loads(answer.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise tracking_failed(self.uri, output_uri, f"the tracking process exited with {self.process.returncode}")
+        if "error" in result:
+            raise TrackingError(result["error"])
+        return result["run_id"]
+
+    def cancel(self) -> None:
+        """The run failed: nothing to record."""
+        if self.process.poll() is None:
+            self.process.communicate("\n")
+
+
+def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
+    data = config.model_dump(mode="json")
+    data["token"] = None  # not needed to record a run
+    return data
+
+
+def _serve() -> None:
+    """The child of :class:`TrackerProcess`: open MLflow now, record the output named on stdin."""
+    os.nice(19)  # the run comes first
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from replaceme.config import validate_config
+
+    tracker = Tracker(validate_config(json.loads(sys.stdin.readline())))
+    tracker.open()
+    output_uri = sys.stdin.readline().strip()
+    if output_uri:
+        try:
+            print(json.dumps({"run_id": tracker.log(output_uri)}))
+        except ReplaceMeError as exc:
+            print(json.dumps({"error": str(exc)}))
+    # Everything is written synchronously and committed: skip the interpreter's teardown of
+    # MLflow's module graph, which the user would otherwise wait for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _serve()
