@@ -1,7 +1,7 @@
 """The ReplaceMe Kubeflow pipeline (kfp v2): profile → calibrate → solve → merge → evaluate → register.
 
 Each component calls one ``ops`` step on ``<output_uri>/config.yaml``, which the first component
-writes from the parameters. ``engine="rayjob"`` runs calibrate and merge as KubeRay RayJobs
+writes from the parameters. ``engine="rayjob"`` runs profile, calibrate and merge as KubeRay RayJobs
 instead of inside the component's pod.
 
     python -m pipelines.replaceme_pipeline --compile   # rewrites pipelines/replaceme_pipeline.yaml
@@ -102,8 +102,8 @@ def replaceme_pipeline(
             in_pod = step(name, config)
         return dsl.OneOf(on_ray.output, in_pod.output)
 
-    profiled = step("profile", resolved.outputs["config_uri"])
-    calibrated = heavy_step("calibrate", profiled.output)
+    profiled = heavy_step("profile", resolved.outputs["config_uri"])  # runs every layer: heavy on big models
+    calibrated = heavy_step("calibrate", profiled)
     solved = step("solve", calibrated)
     merged = heavy_step("merge", solved.output)
     evaluated = step("evaluate", merged)

@@ -20,7 +20,7 @@ from replaceme.outputs import OutputDir
 from replaceme.storage import fsspec_options
 
 ENGINES = ("in_container", "rayjob")
-HEAVY_STEPS = ("calibrate", "merge")  # run as RayJobs with engine: rayjob
+HEAVY_STEPS = ("profile", "calibrate", "merge")  # run as RayJobs with engine: rayjob
 RUN_ID_FIELD = "{run_id}"  # in output_uri: replaced by the pipeline run id (one folder per scheduled run)
 
 

@@ -20,7 +20,7 @@ from ops.common import load_step_config
 from ops.profile import profile
 from pipelines.rayjob import rayjob_for_step, run_step_as_rayjob, wait_for_rayjob
 from pipelines.replaceme_pipeline import COMPILED, compile_pipeline, replaceme_pipeline
-from pipelines.steps import resolve_config, run_as_rayjob
+from pipelines.steps import HEAVY_STEPS, resolve_config, run_as_rayjob
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
 
@@ -45,7 +45,7 @@ def test_the_checked_in_yaml_is_current(tmp_path):
         "pipelines/replaceme_pipeline.yaml is stale: run `python -m pipelines.replaceme_pipeline --compile`"
 
 
-def test_calibrate_and_merge_switch_between_the_pod_and_a_rayjob():
+def test_heavy_steps_switch_between_the_pod_and_a_rayjob():
     spec = _spec(COMPILED)
     components = spec["components"]
     chosen = {}
@@ -57,8 +57,8 @@ def test_calibrate_and_merge_switch_between_the_pod_and_a_rayjob():
             step = task["inputs"]["parameters"]["step"]["runtimeValue"]["constant"]
             on_ray = branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--engine'] == 'rayjob'"
             chosen[(step, on_ray)] = re.sub(r"-\d+$", "", task["componentRef"]["name"])
-    assert chosen == {("calibrate", True): "comp-run-step-as-rayjob", ("calibrate", False): "comp-run-step",
-                      ("merge", True): "comp-run-step-as-rayjob", ("merge", False): "comp-run-step"}
+    assert chosen == {(step, on_ray): "comp-run-step-as-rayjob" if on_ray else "comp-run-step"
+                      for step in HEAVY_STEPS for on_ray in (True, False)}
     executors = spec["deploymentSpec"]["executors"].values()
     assert {e["container"]["image"] for e in executors} == {IMAGE}
     assert all(not task.get("cachingOptions", {}).get("enableCache") for task in spec["root"]["dag"]["tasks"].values())
