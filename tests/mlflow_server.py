@@ -8,7 +8,6 @@ once, in conftest.py, like the other session fixtures.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from s3_server import free_port, node_credentials
+from processes import free_port, stop_process_group
+from s3_server import node_credentials
 
 ARTIFACT_BUCKET = "mlflow-artifacts"
 
@@ -46,7 +46,7 @@ def mlflow_server(s3_server, tmp_path_factory) -> Iterator[MlflowServer]:
         _wait_until_healthy(server, folder / "server.log")
         yield server
     finally:
-        _stop(process)
+        stop_process_group(process, wait_s=15)
 
 
 def _wait_until_healthy(server: MlflowServer, log: Path, timeout_s: float = 120) -> None:
@@ -59,16 +59,3 @@ def _wait_until_healthy(server: MlflowServer, log: Path, timeout_s: float = 120)
             if server.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """The server forks workers: stop its whole process group."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import free_port, stop_process_group
 from s3_server import node_credentials
 
 HEAD_CPUS = 6
@@ -38,12 +37,6 @@ def use_ray_token_auth() -> None:
     imports Ray (Ray reads the token once per process); the token is never printed."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli() -> str:
@@ -70,7 +63,7 @@ def ray_head(tmp_path_factory):
         yield head
     finally:
         _disconnect()
-        _stop(process)
+        stop_process_group(process)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -89,18 +82,6 @@ def _wait_until_up(head: RayHead, process: subprocess.Popen, log: Path, timeout_
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"the Ray head did not come up in {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _disconnect() -> None:

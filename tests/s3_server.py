@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from processes import free_port
 
 ACCESS_KEY = "testing-access-key"
 SECRET_KEY = "testing-secret-do-not-print-0123456789"
@@ -54,12 +54,6 @@ class S3Server:
         except client.exceptions.BucketAlreadyOwnedByYou:
             pass
         return f"s3://{name}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(extra_env: dict[str, str] | None = None, timeout: float = 30.0) -> S3Server:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from s3_server import SECRET_KEY, free_port
+from processes import free_port
+from s3_server import SECRET_KEY
 
 from replaceme.activations import ActivationStore
 from replaceme.errors import ReplaceMeError

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
+from mlflow import MlflowClient
 
 from conftest import ROOT
 from ray_cluster import ray_cli
@@ -21,10 +24,11 @@ def test_quickstart_as_a_ray_job(tmp_path, ray_head):
     entrypoint = [sys.executable, "-m", "replaceme", "run", "--config", "examples/quickstart.yaml", "--quiet",
                   "--set", "engine.backend=ray", "--set", "engine.replicas=2", "--set", f"output_dir={out}",
                   "--set", "dataset_size=64"]
-    submit = [ray_cli(), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
-              "--", *entrypoint]
     deadline = time.monotonic() + 240
     while True:  # a fresh head's job agent may not have registered yet (slow on a loaded 2-core runner)
+        job_id = f"replaceme-test-{uuid.uuid4().hex[:8]}"
+        submit = [ray_cli(), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
+                  "--submission-id", job_id, "--", *entrypoint]
         result = subprocess.run(submit, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         if "No available agent" not in result.stderr + result.stdout or time.monotonic() > deadline:
             break
@@ -36,3 +40,10 @@ def test_quickstart_as_a_ray_job(tmp_path, ray_head):
     assert report["removed_fraction"] == 0.25 and report["retention"] > 0.9
     assert report["config"]["engine"]["backend"] == "ray"
     assert (out / "model" / "config.json").exists() and (out / "transforms.safetensors").exists()
+
+    # lineage: the job's MLflow run (the session's store, through the head's environment) names the job
+    assert report["lineage"]["ray_job_id"] == job_id
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("replaceme").experiment_id],
+                               f"tags.ray_job_id = '{job_id}'")
+    assert run.data.params["engine.backend"] == "ray"
