@@ -18,16 +18,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ops import STEPS
 from replaceme import __version__
@@ -35,7 +31,7 @@ from replaceme.config import ReplaceMeConfig, load_config
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
 from replaceme.outputs import OutputDir
-from replaceme.storage import filesystem, fsspec_options
+from replaceme.storage import fsspec_options
 from replaceme.tracking import tracking_uri
 
 log = logging.getLogger("replaceme.ops")
@@ -94,32 +90,8 @@ def load_step_config(config_uri: str | None, overrides: list[str] | tuple[str, .
                      output: str | None = None) -> ReplaceMeConfig:
     """The config from a local file or an fsspec URI (s3://…), ``--set`` overrides applied;
     ``output`` replaces ``output_dir``."""
-    if config_uri is None or "://" not in config_uri:
-        config = load_config(config_uri, overrides)
-    else:  # load_config reads local files: hand it a checked local copy
-        data = read_config_data(config_uri)
-        with tempfile.TemporaryDirectory() as folder:
-            local = Path(folder, "config.yaml")
-            local.write_text(yaml.safe_dump(data))
-            config = load_config(local, overrides)
+    config = load_config(config_uri, overrides)
     return config.model_copy(update={"output_dir": output}) if output else config
-
-
-def read_config_data(uri: str) -> dict[str, Any]:
-    """The YAML mapping at a local path or fsspec URI; errors name the URI."""
-    fs, path = filesystem(uri, field="--config")
-    try:
-        text = fs.cat_file(path).decode()
-    except FileNotFoundError:
-        raise ReplaceMeError(f"config file {uri} does not exist; "
-                             "pass --config with the path or URI of a YAML file") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ReplaceMeError(f"config file {uri} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ReplaceMeError(f"config file {uri} must hold a mapping of keys to values, not {type(data).__name__}")
-    return data
 
 
 def output_dir(config: ReplaceMeConfig) -> OutputDir:

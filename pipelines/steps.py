@@ -13,8 +13,8 @@ from typing import Any
 
 import yaml
 
-from ops.common import current_marker, load_step_config, output_dir, read_config_data
-from replaceme.config import validate_config
+from ops.common import current_marker, load_step_config, output_dir
+from replaceme.config import read_yaml, validate_config
 from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
 from replaceme.storage import fsspec_options
@@ -36,7 +36,7 @@ def resolve_config(*, config_uri: str, model_uri: str, data_uri: str, eval_uri: 
         raise ReplaceMeError("output_uri: required; give the output folder, e.g. s3://bucket/replaceme/{run_id}")
     use_endpoint(s3_endpoint_url)
     output = output_uri.replace(RUN_ID_FIELD, pipeline_run_id).rstrip("/")
-    data = read_config_data(config_uri) if config_uri else {}
+    data = read_yaml(config_uri) if config_uri else {}
     data.pop("token", None)  # secrets stay in the environment (HF_TOKEN, AWS_*), not next to the outputs
     given = {"model_path": model_uri, "dataset": data_uri, "output_dir": output, "method": method,
              "alpha": alpha, "layers_to_skip": layers_to_skip, "num_A": num_blocks}

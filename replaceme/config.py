@@ -219,10 +219,11 @@ def redact_uri(uri: str | None) -> str | None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ReplaceMeConfig:
-    """Read a YAML config, apply ``key=value`` overrides (values parsed as YAML) and validate."""
+    """Read a YAML config (a file or fsspec URI), apply ``key=value`` overrides (values parsed as
+    YAML) and validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = read_yaml(path)
     for item in overrides:
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
@@ -236,15 +237,21 @@ def validate_config(data: dict[str, Any]) -> ReplaceMeConfig:
         raise ReplaceMeError(_describe(exc)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ReplaceMeError(f"config file {path} does not exist; pass --config with the path to a YAML file")
+def read_yaml(uri: str | Path) -> dict[str, Any]:
+    """The YAML mapping in a local file or at an fsspec URI (s3://…, for pipeline steps)."""
+    from replaceme.storage import filesystem
+
+    fs, path = filesystem(str(uri), field="--config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = fs.cat_file(path).decode()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ReplaceMeError(f"config file {uri} does not exist; pass --config with the path or URI of a YAML file") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ReplaceMeError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ReplaceMeError(f"config file {uri} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ReplaceMeError(f"config file {path} must hold a mapping of keys to values, not {type(data).__name__}")
+        raise ReplaceMeError(f"config file {uri} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
 
 

@@ -60,3 +60,16 @@ def test_bad_override_syntax(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ReplaceMeError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_from_an_object_store(s3_server, monkeypatch):
+    """Pipeline steps read their config from the run's output folder, often on S3."""
+    import yaml
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)  # the way s3fs users point at a server
+    bucket = s3_server.create_bucket("configs")
+    s3_server.client().put_object(Bucket="configs", Key="run/config.yaml", Body=yaml.safe_dump(dict(BASE, alpha=0.5)))
+    config = load_config(f"{bucket}/run/config.yaml", ["batch_size=2"])
+    assert (config.alpha, config.batch_size, config.model_path) == (0.5, 2, "m")
+    with pytest.raises(ReplaceMeError, match=f"config file {bucket}/run/missing.yaml does not exist"):
+        load_config(f"{bucket}/run/missing.yaml")
