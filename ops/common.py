@@ -42,7 +42,6 @@ UPSTREAM = dict(zip(STEPS[1:], STEPS))
 
 _DATA = ("model_path", "dataset", "dataset_column", "dataset_size", "dataset_subset", "batch_size", "max_length",
          "compute_dtype", "allow_pickle")
-_SOLVER = ("method", "alpha", "diag", "loss", "solver", "seed")
 
 
 def _pick(config: ReplaceMeConfig, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -59,16 +58,12 @@ def _where(path: str | None) -> str | None:
     return os.path.abspath(path)
 
 
-def _solver_settings(c: ReplaceMeConfig) -> dict[str, Any]:
-    return {**_pick(c, _SOLVER), "cosine": c.cosine.model_dump()}
-
-
 def _calibrate_settings(c: ReplaceMeConfig) -> dict[str, Any]:
     settings = {**_pick(c, ("sequential", "run_id")), "activations": c.activations.model_dump(),
                 "batches_per_shard": c.engine.batches_per_shard,  # names the run in the activation store
                 "keeps_rows": c.method == "cosine"}
-    if c.sequential and (c.num_A > 1 or len(c.blocks or []) > 1):  # later blocks are fitted behind earlier maps
-        settings.update(_solver_settings(c))
+    if c.statistics_depend_on_solver:
+        settings.update(c.solver_settings())
     return settings
 
 
@@ -76,7 +71,7 @@ SETTINGS: dict[str, Callable[[ReplaceMeConfig], dict[str, Any]]] = {
     "profile": lambda c: _pick(c, (*_DATA, "blocks", "layers_to_skip", "num_A", "merge_consecutive",
                                    "min_distance_layer", "distances_path")),
     "calibrate": _calibrate_settings,
-    "solve": _solver_settings,  # alpha or the estimator changed: re-solve from the saved statistics
+    "solve": ReplaceMeConfig.solver_settings,  # alpha or the estimator changed: re-solve from the saved statistics
     "merge": lambda c: {},
     "evaluate": lambda c: {"eval": {**c.eval.model_dump(), "dataset": _where(c.eval.dataset)} if c.eval else None},
     "register": lambda c: {**c.mlflow.model_dump(), "tracking_uri": tracking_uri(c.mlflow)},

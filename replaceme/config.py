@@ -186,6 +186,17 @@ class ReplaceMeConfig(_Strict):
                 raise ValueError(f"[{s1}, {e1}] and [{s2}, {e2}] overlap")
         return ordered
 
+    @property
+    def statistics_depend_on_solver(self) -> bool:
+        """Sequential fitting of several blocks calibrates later blocks behind the earlier maps, so
+        the solver settings shape their statistics too."""
+        return self.sequential and (self.num_A > 1 or len(self.blocks or []) > 1)
+
+    def solver_settings(self) -> dict[str, Any]:
+        """Every setting that turns statistics into a map."""
+        return {"method": self.method, "alpha": self.alpha, "diag": self.diag, "loss": self.loss,
+                "solver": self.solver, "seed": self.seed, "cosine": self.cosine.model_dump()}
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data with secrets redacted (for reports and logs)."""
         data = self.model_dump(mode="json")

@@ -108,9 +108,8 @@ class Context:
                 "max_length", "blocks", "sequential", "layers_to_skip", "num_A", "min_distance_layer", "compute_dtype"]
         shaping = {key: getattr(c, key) for key in keys}
         shaping["batches_per_shard"] = c.engine.batches_per_shard
-        if c.sequential and (c.num_A > 1 or len(c.blocks or []) > 1):  # later blocks see earlier maps
-            shaping.update({key: getattr(c, key) for key in ("method", "alpha", "diag", "loss", "solver", "seed")},
-                           cosine=c.cosine.model_dump())
+        if c.statistics_depend_on_solver:
+            shaping.update(c.solver_settings())
         return "run-" + hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @cached_property
