@@ -70,7 +70,10 @@ def on_ray(ctx: recipe.Context, **engine) -> tuple[float, float]:
     settings = StageSettings(ctx.model_uri, ctx.checkpoint.config, "cpu", "float32")
     ray_engine = RayEngine(settings, ctx.batches, EngineConfig(backend="ray", batches_per_shard=1, **engine),
                            progress=False)
-    ray_engine.calibrate([BLOCK], recipe.BlockSolver(ctx.config))
+    try:
+        ray_engine.calibrate([BLOCK], recipe.BlockSolver(ctx.config))
+    finally:
+        ray_engine.close()
     return ray_engine.seconds["passes"], ray_engine.seconds["start_workers"]
 
 

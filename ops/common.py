@@ -207,7 +207,11 @@ class Step:
             from replaceme.recipe import Context
 
             job.ctx = Context(config, progress=progress)
-        extra = self.work(job)
+        try:
+            extra = self.work(job)
+        finally:
+            if job.ctx:
+                job.ctx.close_engine()  # a Ray profile's stages hold CPUs and GPUs until then
         return {
             "step": self.name,
             "digest": expected,

@@ -133,20 +133,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(summary(report, config.output_dir))
         return _track(config, config.output_dir, tracker) if tracker else 0
     ctx = recipe.Context(config, progress=progress)
-    out = OutputDir(config.output_dir, ctx.output_options)
-    if args.command == "profile":
+    try:
+        _step(args.command, ctx, OutputDir(config.output_dir, ctx.output_options))
+    finally:
+        ctx.close_engine()
+    return 0
+
+
+def _step(command: str, ctx: Any, out: Any) -> None:
+    from replaceme import recipe
+
+    if command == "profile":
         print(json.dumps({"blocks": recipe.profile(ctx, out)}))
-    elif args.command == "calibrate":
+    elif command == "calibrate":
         blocks = ctx.blocks or recipe.saved_blocks(out) or recipe.profile(ctx, out)
         _print_solver(recipe.calibrate(ctx, out, blocks))
-    elif args.command == "solve":
+    elif command == "solve":
         _print_solver(recipe.solve(ctx, out))
-    elif args.command == "merge":
+    elif command == "merge":
         recipe.merge(ctx, out)
         print(f"pruned model written to {out.uri}/model")
-    elif args.command == "evaluate":
+    elif command == "evaluate":
         print(json.dumps(recipe.evaluate_and_record(ctx, out), indent=2))
-    return 0
 
 
 def _tracker(config: Any) -> Any:

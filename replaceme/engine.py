@@ -76,6 +76,9 @@ class LocalEngine:
         self._kwargs_cache: dict[tuple[int, int], dict] = {}
         self._kwargs_cache_bytes = 0
 
+    def close(self) -> None:
+        """Nothing held between passes (the Ray engine's stages are)."""
+
     # --- building blocks ---------------------------------------------------------------------
 
     def embed(self) -> list[torch.Tensor]:

@@ -130,6 +130,16 @@ class Context:
         return make_batches(self.eval_texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
                             max_length=e.max_length or c.max_length, field="eval.dataset")
 
+    @cached_property
+    def engine(self):
+        """The engine of the passes over the calibration set, shared by profile and calibrate (a Ray
+        run loads its stages once)."""
+        return calibration_engine(self)
+
+    def close_engine(self) -> None:
+        if "engine" in self.__dict__:
+            self.__dict__.pop("engine").close()
+
     def layerwise(self, checkpoint: Checkpoint) -> LayerwiseModel:
         dtype = resolve_dtype(self.config.compute_dtype, self.device, checkpoint.dtype)
         return LayerwiseModel(checkpoint, device=self.device, dtype=dtype)
@@ -167,7 +177,7 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
             distances = distances_from_csv(Path(c.distances_path).read_text(), c.distances_path)
             log.info("reusing block distances from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
-            distances = calibration_engine(ctx).distances(c.layers_to_skip)
+            distances = ctx.engine.distances(c.layers_to_skip)
         blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
                                merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
     csv_text = distances_to_csv(distances)
@@ -184,8 +194,10 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
     c = ctx.config
     solver = BlockSolver(c)
     with ctx.timed("calibrate"):
-        fits = calibration_engine(ctx).calibrate(blocks, solver, sequential=c.sequential,
-                                                 keep_activations=c.method == "cosine")
+        try:
+            fits = ctx.engine.calibrate(blocks, solver, sequential=c.sequential, keep_activations=c.method == "cosine")
+        finally:  # the last pass over the calibration set: free the Ray stages (merge tasks need the CPUs)
+            ctx.close_engine()
     transforms = {f"{s}-{e}": t.to(torch.float32).cpu().contiguous() for ((s, e), t) in ((cap.block, t) for cap, t in fits)}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": c.method}))
     out.write_json("blocks.json", [list(b) for b in blocks])

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import pytest
 import torch
@@ -60,7 +60,8 @@ def reference(config, sequential: bool):
 
 def distributed(config, sequential: bool):
     ctx = recipe.Context(config, progress=False)
-    return recipe.calibration_engine(ctx).calibrate(BLOCKS, recipe.BlockSolver(config), sequential=sequential)
+    with closing(recipe.calibration_engine(ctx)) as engine:
+        return engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=sequential)
 
 
 def assert_same(expected, got) -> None:
@@ -90,7 +91,8 @@ def test_distances_match_the_in_process_engine(tmp_path, ray_head, replicas, sta
     ctx = recipe.Context(config, progress=False)
     with single_threaded():
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).distances(PROFILED)
-    got = recipe.calibration_engine(ctx).distances(PROFILED)
+    with closing(recipe.calibration_engine(ctx)) as engine:
+        got = engine.distances(PROFILED)
     assert [(s, e) for s, e, _ in got] == [(s, e) for s, e, _ in expected] == [(s, s + PROFILED) for s in range(1, 11)]
     worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected, got))
     print("distances: largest relative difference", worst)
@@ -206,3 +208,20 @@ def _wait_for_commit_then_kill_a_stage(store, worker: threading.Thread, address:
             return victim.actor_id
         time.sleep(0.01)
     return None
+
+
+def test_calibration_after_profile_reuses_the_stages(tmp_path, ray_head, monkeypatch):
+    """`replaceme run` selects blocks, then calibrates: the second pass runs on the stages the profile
+    started (they hold every layer), and the stages are gone once calibration ends."""
+    from replaceme.distributed.engine import RayEngine
+
+    started = []
+    start = RayEngine._start_pipelines
+    monkeypatch.setattr(RayEngine, "_start_pipelines", lambda self, layers: started.append(layers) or start(self, layers))
+    config = validate_config(settings(tmp_path, ray_head, layers_to_skip=3, engine={"stages": 2}))
+    ctx = recipe.Context(config, progress=False)
+    out = recipe.OutputDir(config.output_dir)
+    blocks = recipe.profile(ctx, out)
+    recipe.calibrate(ctx, out, blocks)
+    assert started == [ctx.num_layers] and "engine" not in ctx.__dict__
+    assert (tmp_path / "out" / "transforms.safetensors").exists()

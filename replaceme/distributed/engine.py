@@ -85,7 +85,10 @@ class StageSettings:
 
 
 class RayEngine:
-    """Same ``distances`` and ``calibrate`` passes as :class:`replaceme.engine.LocalEngine`, on a Ray cluster."""
+    """Same ``distances`` and ``calibrate`` passes as :class:`replaceme.engine.LocalEngine`, on a Ray cluster.
+
+    The stage actors live from the first pass until :meth:`close` (or a failed pass), so that a
+    calibration after a profile reuses the layers the stages have loaded."""
 
     def __init__(self, settings: StageSettings, batches: Sequence[Batch], engine: EngineConfig, *,
                  store=None, save_rows: bool = False, progress: bool = True) -> None:
@@ -100,6 +103,25 @@ class RayEngine:
         self.shards = [list(batches[i:i + size]) for i in range(0, len(batches), size)]
         self.ray = connect(engine.address)
         self.seconds = {"start_workers": 0.0, "passes": 0.0}  # actor start and layer loading vs. the passes
+        self._pipelines: list[_Pipeline] = []
+        self._pipeline_layers = 0  # the first layers the running stages hold
+
+    def close(self) -> None:
+        """Stop the stage actors and free their placement groups (and so their CPUs and GPUs)."""
+        self._stop(self._pipelines)
+        self._pipelines, self._pipeline_layers = [], 0
+
+    def _pipelines_for(self, needed_layers: int) -> list[_Pipeline]:
+        """Stages holding at least the first ``needed_layers`` layers: those of the previous pass when
+        they do (a profile pass holds every layer, so calibration after it loads no weights again),
+        else new ones."""
+        if self._pipelines and self._pipeline_layers >= needed_layers:
+            return self._pipelines
+        self.close()
+        started = time.perf_counter()
+        self._pipelines, self._pipeline_layers = self._start_pipelines(needed_layers), needed_layers
+        self.seconds["start_workers"] += time.perf_counter() - started
+        return self._pipelines
 
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
         """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later,
@@ -109,15 +131,16 @@ class RayEngine:
         partials (a float and a count per block), each shard once (its completed attempt)."""
         num_layers = int(self.settings.model_config["num_hidden_layers"])
         angles = angle_sums(block_size, num_layers)
-        pipelines = self._start_pipelines(num_layers)
+        pipelines = self._pipelines_for(num_layers)
         try:
             plan = PhasePlan((), {}, num_layers, save_rows=False, profile=block_size)
             self._send_plan(pipelines, plan)
             for shard in self._run_shards(pipelines, plan, committed=set()):
                 for partial in shard.results:
                     angles += partial
-        finally:
-            self._stop(pipelines)
+        except BaseException:
+            self.close()
+            raise
         return angles.distances()
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
@@ -127,9 +150,7 @@ class RayEngine:
                                  "activation rows back from the store; set activations.uri")
         blocks = sorted(blocks)
         phases = [[b] for b in blocks] if sequential else [blocks]
-        started = time.perf_counter()
-        pipelines = self._start_pipelines(max(e for _, e in blocks))
-        self.seconds["start_workers"] = time.perf_counter() - started
+        pipelines = self._pipelines_for(max(e for _, e in blocks))
         try:
             results, applied = [], {}
             for phase in phases:
@@ -143,8 +164,9 @@ class RayEngine:
                         applied[block] = transform
                 self.seconds["passes"] += time.perf_counter() - started
             return results
-        finally:
-            self._stop(pipelines)
+        except BaseException:
+            self.close()
+            raise
 
     # --- one pass over the calibration set -----------------------------------------------------
 
