@@ -44,6 +44,7 @@ from replaceme.storage import fsspec_options
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
+SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current maps, for report.json
 
 
 class Context:
@@ -201,6 +202,8 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
     transforms = {f"{s}-{e}": t.to(torch.float32).cpu().contiguous() for ((s, e), t) in ((cap.block, t) for cap, t in fits)}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": c.method}))
     out.write_json("blocks.json", [list(b) for b in blocks])
+    details = [solver.details[cap.block] for cap, _ in fits]
+    _save_solver_details(out, c, details)
     for capture, _ in fits:
         s, e = capture.block
         out.write_bytes(f"calibration/stats-{s}-{e}.safetensors", capture.stats.to_bytes())
@@ -208,7 +211,7 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
             x, y, residual = capture.activations.tensors()
             out.write_bytes(f"calibration/activations-{s}-{e}.safetensors",
                             save_safetensors({"x": x, "y": y, "residual": residual}))
-    return [solver.details[cap.block] for cap, _ in fits]
+    return details
 
 
 def calibration_engine(ctx: Context):
@@ -241,7 +244,14 @@ def solve(ctx: Context, out: OutputDir) -> list[dict[str, Any]]:
         transforms = {f"{s}-{e}": solver(_saved_capture(ctx, out, (s, e))).to(torch.float32).contiguous()
                       for s, e in blocks}
     out.write_bytes("transforms.safetensors", save_safetensors(transforms, metadata={"method": ctx.config.method}))
-    return [solver.details[b] for b in blocks]
+    details = [solver.details[b] for b in blocks]
+    _save_solver_details(out, ctx.config, details)
+    return details
+
+
+def _save_solver_details(out: OutputDir, config: ReplaceMeConfig, details: list[dict[str, Any]]) -> None:
+    """The maps' residuals and the settings that solved them (a later step may run with others)."""
+    out.write_json(SOLVER_DETAILS, {"settings": config.solver_settings(), "blocks": details})
 
 
 def _saved_capture(ctx: Context, out: OutputDir, block: Block) -> BlockCapture:
@@ -306,12 +316,22 @@ def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device) -> dict[
 
 
 def evaluate_and_record(ctx: Context, out: OutputDir) -> dict[str, Any]:
-    """``evaluate`` as a step of its own: add the figures to report.json."""
+    """``evaluate`` as a step of its own: the whole report.json, as ``run`` writes it, from the maps'
+    solver details (calibration/solver.json) and this config, keeping earlier steps' timings."""
     if ctx.eval_texts is None:
         raise ReplaceMeError("eval: no evaluation data configured; set eval: <path to held-out text>")
+    blocks = saved_blocks(out)
+    if not blocks or not out.exists(SOLVER_DETAILS):
+        raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json or {SOLVER_DETAILS}; "
+                             "run `replaceme calibrate` (and `replaceme merge`) first")
     metrics = evaluate(ctx, out)
-    report = json.loads(out.read_text("report.json")) if out.exists("report.json") else {}
-    report.update(metrics)
+    earlier = json.loads(out.read_text("report.json")) if out.exists("report.json") else {}
+    ctx.timings = {**earlier.get("seconds", {}), **ctx.timings}
+    ctx.step_memory = {**earlier.get("step_peak_memory_mb", {}), **ctx.step_memory}
+    solved = json.loads(out.read_text(SOLVER_DETAILS))
+    report = build_report(ctx, blocks, solved["blocks"], metrics)
+    report["config"].update(solved["settings"])  # how the maps in place were solved, e.g. another alpha
+    report["method"] = solved["settings"]["method"]
     out.write_json("report.json", report)
     return metrics
 

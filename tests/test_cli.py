@@ -63,6 +63,15 @@ def test_steps_one_by_one_and_resolve_with_other_alpha(tmp_path, tiny_llama, cap
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["perplexity_after"] > 0
     assert "SECRET" not in capsys.readouterr().out + (tmp_path / "out" / "report.json").read_text()
+    # the report describes the maps now in place (alpha 1000), as `replaceme run` would have written it
+    assert report["config"]["alpha"] == 1000 and "evaluate" in report["seconds"]
+    assert report["solver"] == json.loads((tmp_path / "out" / "calibration" / "solver.json").read_text())["blocks"]
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["log", str(tmp_path / "out"), "--set", f"mlflow.tracking_uri={tracking}"]) == 0
+    from mlflow import MlflowClient
+
+    [run] = MlflowClient(tracking).search_runs([MlflowClient(tracking).get_experiment_by_name("replaceme").experiment_id])
+    assert run.data.params["alpha"] == "1000.0" and run.data.metrics["retention"] == pytest.approx(report["retention"])
 
 
 def test_errors_print_one_line_without_traceback(tmp_path):
