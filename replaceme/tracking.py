@@ -376,9 +376,10 @@ class TrackerProcess:
         return result["run_id"]
 
     def cancel(self) -> None:
-        """The run failed: nothing to record."""
-        if self.process.poll() is None:
-            self.process.communicate("\n")
+        """The run failed: nothing to record, and no reason to wait for MLflow to finish opening
+        (SQLite transactions survive the kill)."""
+        self.process.kill()
+        self.process.communicate()
 
 
 def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
