@@ -2,7 +2,7 @@
 
 Writes random float32 activations shaped like a 7B model's (hidden 4096) through
 ``ActivationStore.row_writer`` — the path a calibration worker takes — to a ``file://`` folder and
-to a moto S3 server that this script starts on 127.0.0.1 (``python -m moto.server``, dummy
+to a moto S3 server that this script starts on 127.0.0.1 (``python -m moto.server``, started as the tests start it; dummy
 credentials, stopped at the end; the endpoint goes in through the store's ``endpoint_url``), then
 reads every row back with ``iter_rows`` with and without ``verify``. Each measurement is repeated
 (the two stores alternate, a fresh run id each time) and the median reported, with the bytes per
@@ -19,62 +19,28 @@ import hashlib
 import io
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 from _record import machine, record, table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' loopback S3 server
+from s3_server import CLEARED, start_server, stop_server  # noqa: E402
+
 BLOCK = (8, 12)
 CHUNK_ROWS = 1024  # tokens per write() call, as one calibration micro-batch (e.g. 4 × 256 tokens)
 MB = 2**20
-AWS_CLEARED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
-               "AWS_SHARED_CREDENTIALS_FILE")
 
 
-# --- moto server ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_moto(timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            return process, endpoint
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_moto(process)
-                raise RuntimeError(f"moto server did not start on {endpoint}") from None
-            time.sleep(0.1)
-
-
-def stop_moto(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
+# --- S3 credentials ------------------------------------------------------------------------------
 
 def dummy_credentials() -> None:
     """Credentials that can reach nothing real; endpoints and profiles from the environment are dropped."""
-    for name in AWS_CLEARED:
+    for name in CLEARED:
         os.environ.pop(name, None)
     os.environ.update(AWS_ACCESS_KEY_ID="benchmark-access-key", AWS_SECRET_ACCESS_KEY="benchmark-secret",
                       AWS_DEFAULT_REGION="us-east-1")
@@ -243,7 +209,8 @@ def main() -> None:
                   * torch.rand(1, args.hidden, generator=generator).mul(4).add(0.25) for _ in range(3))
             for _ in range(args.pool)]
 
-    process, endpoint = start_moto()
+    server = start_server()
+    endpoint = server.endpoint_url
     scratch = Path(tempfile.mkdtemp(prefix="activation-store-"))
     try:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="activations")
@@ -273,7 +240,7 @@ def main() -> None:
                       f"read {results[name]['read'][-1]['seconds']:.2f} s", flush=True)
             stages.append(ceilings(pool, args.hidden, ceiling_rows))  # under the same load as this repeat
     finally:
-        stop_moto(process)
+        stop_server(server.process)
         fsspec.filesystem("file").rm(str(scratch), recursive=True)
     wall = time.perf_counter() - wall
 
