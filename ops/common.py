@@ -31,7 +31,6 @@ from replaceme.config import ReplaceMeConfig, load_config
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
 from replaceme.outputs import OutputDir
-from replaceme.storage import fsspec_options
 from replaceme.tracking import tracking_uri
 
 log = logging.getLogger("replaceme.ops")
@@ -90,8 +89,7 @@ def load_step_config(config_uri: str | None, overrides: list[str] | tuple[str, .
 
 
 def output_dir(config: ReplaceMeConfig) -> OutputDir:
-    c = config
-    return OutputDir(c.output_dir, fsspec_options(c.output_dir, c.storage.endpoint_url, c.storage.options))
+    return OutputDir(config.output_dir, config.storage_options(config.output_dir))
 
 
 # --- markers and digests -------------------------------------------------------------------------

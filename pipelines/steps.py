@@ -17,7 +17,6 @@ from ops.common import current_marker, load_step_config, output_dir
 from replaceme.config import read_yaml, validate_config
 from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
-from replaceme.storage import fsspec_options
 
 ENGINES = ("in_container", "rayjob")
 HEAVY_STEPS = ("profile", "calibrate", "merge")  # run as RayJobs with engine: rayjob
@@ -47,7 +46,7 @@ def resolve_config(*, config_uri: str, model_uri: str, data_uri: str, eval_uri: 
     _set_nested(data, "mlflow", tracking_uri=mlflow_tracking_uri, experiment=mlflow_experiment, register_as=register_as)
     _set_nested(data, "storage", endpoint_url=s3_endpoint_url)
     config = validate_config(data)  # every mistake reported here, before any work
-    out = OutputDir(output, fsspec_options(output, config.storage.endpoint_url, config.storage.options))
+    out = OutputDir(output, config.storage_options(output))
     out.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
     return f"{out.uri}/config.yaml", out.uri
 

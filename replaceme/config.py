@@ -197,6 +197,12 @@ class ReplaceMeConfig(_Strict):
         return {"method": self.method, "alpha": self.alpha, "diag": self.diag, "loss": self.loss,
                 "solver": self.solver, "seed": self.seed, "cosine": self.cosine.model_dump()}
 
+    def storage_options(self, uri: str) -> dict[str, Any]:
+        """fsspec keyword arguments to open ``uri`` with this config's ``storage`` settings."""
+        from replaceme.storage import fsspec_options
+
+        return fsspec_options(uri, self.storage.endpoint_url, self.storage.options)
+
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as plain data with secrets redacted (for reports and logs)."""
         data = self.model_dump(mode="json")

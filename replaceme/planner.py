@@ -50,7 +50,6 @@ from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
-from replaceme.storage import fsspec_options
 
 Block = tuple[int, int]
 GB = 10**9
@@ -242,8 +241,8 @@ def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block]
 def plan(config: ReplaceMeConfig, *, tokens: int | None = None, gpus_per_node: int = 8,
          gpu_memory_gb: float = 80.0) -> Plan:
     """Plan from the config.json at ``config.model_path`` (local folder or fsspec URI)."""
-    options = fsspec_options(config.model_path, config.storage.endpoint_url, config.storage.options)
-    checkpoint = Checkpoint(config.model_path, storage_options=options, allow_pickle=config.allow_pickle)
+    checkpoint = Checkpoint(config.model_path, storage_options=config.storage_options(config.model_path),
+                            allow_pickle=config.allow_pickle)
     return build_plan(checkpoint.config, config, tokens=tokens, gpus_per_node=gpus_per_node,
                       gpu_memory_gb=gpu_memory_gb)
 

@@ -40,7 +40,6 @@ from replaceme.outputs import OutputDir, is_inside, staged_run
 from replaceme.plots import plot_distances
 from replaceme.stats import BlockStats
 from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
-from replaceme.storage import fsspec_options
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
@@ -56,7 +55,7 @@ class Context:
         self.timings: dict[str, float] = {}
         self.step_memory: dict[str, dict[str, float]] = {}
         self.model_uri = _resolve_model_path(config)
-        self.storage_options = fsspec_options(self.model_uri, config.storage.endpoint_url, config.storage.options)
+        self.storage_options = config.storage_options(self.model_uri)
         self.checkpoint = Checkpoint(self.model_uri, allow_pickle=config.allow_pickle,
                                      storage_options=self.storage_options)
         self.family = family_for(self.checkpoint.config)
@@ -95,8 +94,7 @@ class Context:
 
     @property
     def output_options(self) -> dict[str, Any]:
-        c = self.config
-        return fsspec_options(c.output_dir, c.storage.endpoint_url, c.storage.options)
+        return self.config.storage_options(self.config.output_dir)
 
     @cached_property
     def run_id(self) -> str:

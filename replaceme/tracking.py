@@ -61,7 +61,7 @@ class Tracker:
         self._error: Exception | None = None
 
     def log(self, output_uri: str) -> str:
-        out = OutputDir(output_uri, _storage_options(output_uri, self.config))
+        out = OutputDir(output_uri, self.config.storage_options(output_uri))
         if not out.exists("report.json"):
             raise ReplaceMeError(f"output_dir: {output_uri} has no report.json; only a finished run can be logged")
         report_text = out.read_text("report.json")
@@ -126,12 +126,6 @@ def tracking_failed(uri: str, output_uri: str, reason: str) -> TrackingError:
         reason = reason.replace(password, "***")
     return TrackingError(f"mlflow.tracking_uri: tracking failed, the run was not recorded in {redact_uri(uri)} ({reason}); "
                          f"the outputs in {output_uri} are complete: re-log them with `replaceme log {output_uri}`")
-
-
-def _storage_options(output_uri: str, config: ReplaceMeConfig) -> dict[str, Any]:
-    from replaceme.storage import fsspec_options
-
-    return fsspec_options(output_uri, config.storage.endpoint_url, config.storage.options)
 
 
 def _check_reachable(uri: str) -> None:
