@@ -40,6 +40,20 @@ def test_cosine_run_with_store_and_outputs_on_s3(ray_head, s3_server, tmp_path):
     manifest = json.loads(s3.cat_file("runs/activations/s3-run/blocks/4-8/manifest.json"))
     assert manifest["shards"] == [0, 1, 2, 3] and manifest["rows"] == report["solver"][0]["tokens"]
 
+    # recorded in MLflow from the object store: artifacts and the logged model come down from S3
+    from mlflow import MlflowClient
+
+    from replaceme.tracking import log_output
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = log_output("s3://runs/out", config.model_copy(update={"mlflow": config.mlflow.model_copy(
+        update={"tracking_uri": store})}))
+    client = MlflowClient(store)
+    assert {a.path for a in client.list_artifacts(run_id)} == {"report.json", "blocks.json", "transforms.safetensors"}
+    [model] = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+
 
 def test_solve_again_from_the_store_without_running_the_model(ray_head, tmp_path, monkeypatch, capsys):
     store = f"file://{tmp_path / 'store'}"
