@@ -249,11 +249,10 @@ class _Recorder:
             self.client.log_inputs(run_id, datasets=inputs)
 
     def _log_artifacts(self, run_id: str) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            for name in ARTIFACTS:
-                if self.out.exists(name):
-                    self.out.fs.get(self.out.path(name), os.path.join(folder, name))
-            self.client.log_artifacts(run_id, folder)
+        for name in ARTIFACTS:
+            if self.out.exists(name):
+                with _local_path(self.out, name) as path:
+                    self.client.log_artifact(run_id, path)
 
     def _log_model(self, experiment_id: str, run_id: str) -> None:
         if not self.out.exists("model"):
@@ -266,7 +265,7 @@ class _Recorder:
             model = self.client.create_logged_model(experiment_id, name="pruned-model", source_run_id=run_id,
                                                     tags=self._model_tags())
             model_id = model.model_id
-            with _local_folder(self.out, "model") as folder:
+            with _local_path(self.out, "model") as folder:
                 self.client.log_model_artifacts(model_id, folder)
             self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
             self.client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step=0)])
@@ -315,16 +314,21 @@ def _dataset_entity(name: str, identity: dict[str, Any]):
 
 
 @contextmanager
-def _local_folder(out: OutputDir, name: str) -> Iterator[str]:
-    """A local path holding ``name`` from the output folder (downloaded when it is remote)."""
+def _local_path(out: OutputDir, name: str) -> Iterator[str]:
+    """The file or folder ``name`` of the output folder as a local path of the same name: the
+    output's own when it is local (no copy of maps or checkpoints), else a download."""
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(out.fs, LocalFileSystem):
         yield out.path(name)
         return
     with tempfile.TemporaryDirectory() as folder:
-        out.fs.get(out.path(name) + "/", folder + "/", recursive=True)  # trailing slashes: copy the contents
-        yield folder
+        local = os.path.join(folder, name)
+        if out.fs.isdir(out.path(name)):  # trailing slashes: copy the folder's contents into local/
+            out.fs.get(out.path(name) + "/", local + "/", recursive=True)
+        else:
+            out.fs.get(out.path(name), local)
+        yield local
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
