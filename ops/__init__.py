@@ -6,4 +6,4 @@ folder (a local path or fsspec URI) and marks itself done with ``steps/<step>.js
 As functions: ``from ops.calibrate import calibrate; calibrate("job.yaml", output="s3://…")``.
 """
 
-STEPS = ("profile", "calibrate", "solve", "merge", "evaluate", "register")
+from replaceme.markers import STEPS  # noqa: F401 - the pipeline's steps, in order

@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import sys
 
-from ops.common import Step, StepRun, artefact_uris
-from replaceme import recipe
+from ops.common import Step
 
-
-def _work(job: StepRun) -> dict:
-    details = recipe.calibrate(job.ctx, job.out, recipe.saved_blocks(job.out))
-    return {"solver": details, "artefacts": artefact_uris(job.out, "transforms.safetensors", "calibration")}
-
-
-STEP = Step("calibrate", _work, help=__doc__.split("\n\n")[0], inputs=lambda config: {"blocks.json": "profile"})
+STEP = Step("calibrate", help=__doc__.split("\n\n")[0])
 calibrate = STEP.run
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 from ops.common import current_marker, load_step_config, output_dir
 from replaceme.config import read_yaml, validate_config
 from replaceme.errors import ReplaceMeError
-from replaceme.outputs import OutputDir
+from replaceme.outputs import OWNER_FILE, OutputDir
 
 ENGINES = ("in_container", "rayjob")
 HEAVY_STEPS = ("profile", "calibrate", "merge")  # run as RayJobs with engine: rayjob
@@ -47,6 +47,8 @@ def resolve_config(*, config_uri: str, model_uri: str, data_uri: str, eval_uri: 
     _set_nested(data, "storage", endpoint_url=s3_endpoint_url)
     config = validate_config(data)  # every mistake reported here, before any work
     out = OutputDir(output, config.storage_options(output))
+    if not out.exists(OWNER_FILE):  # the steps write into this folder: it is replaceme's
+        out.mark_owned(pipeline_run_id or "pipeline")
     out.write_text("config.yaml", yaml.safe_dump(data, sort_keys=False))
     return f"{out.uri}/config.yaml", out.uri
 

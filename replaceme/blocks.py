@@ -67,16 +67,42 @@ def _compatible(a: Block, b: Block, merge_consecutive: bool) -> bool:
     return e1 < s2 or (e1 == s2 and merge_consecutive)
 
 
-def distances_to_csv(distances: Sequence[tuple[int, int, float]]) -> str:
+def distances_to_csv(distances: Sequence[tuple[int, int, float]], model_digest: str) -> str:
+    """The profile as CSV; each row names the model it was measured on (its config + index digest)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["start", "end", "angular_distance"])
-    writer.writerows((s, e, f"{d:.8f}") for s, e, d in distances)
+    writer.writerow(["start", "end", "angular_distance", "model_digest"])
+    writer.writerows((s, e, f"{d:.8f}", model_digest) for s, e, d in distances)
     return out.getvalue()
 
 
 def distances_from_csv(text: str, source: str) -> list[tuple[int, int, float]]:
+    return [(s, e, d) for s, e, d, _ in _distance_rows(text, source)]
+
+
+def reusable_distances(text: str, source: str, *, block_size: int, model_digest: str) -> list[tuple[int, int, float]]:
+    """A saved profile, refused when it was measured for another block size or on another model
+    (reusing it would remove the wrong number of layers, or layers chosen for another model)."""
+    rows = _distance_rows(text, source)
+    distances = [(s, e, d) for s, e, d, _ in rows]
+    if not distances:
+        raise ReplaceMeError(f"distances_path: {source} holds no distances; delete it to measure them again")
+    sizes = sorted({e - s for s, e, _ in distances})
+    if sizes != [block_size]:
+        raise ReplaceMeError(f"distances_path: {source} holds distances of {'/'.join(map(str, sizes))}-layer blocks, "
+                             f"but layers_to_skip is {block_size}; point distances_path at another file (or delete "
+                             "it) to measure them again")
+    recorded = {digest for *_, digest in rows}
+    if recorded != {model_digest}:
+        shown = ", ".join(sorted(str(d) for d in recorded))
+        raise ReplaceMeError(f"distances_path: {source} was measured on another model (digest {shown}, this one is "
+                             f"{model_digest}); point distances_path at another file (or delete it) to measure again")
+    return distances
+
+
+def _distance_rows(text: str, source: str) -> list[tuple[int, int, float, str | None]]:
     try:
-        return [(int(r["start"]), int(r["end"]), float(r["angular_distance"])) for r in csv.DictReader(io.StringIO(text))]
-    except (KeyError, ValueError) as exc:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        return [(int(r["start"]), int(r["end"]), float(r["angular_distance"]), r.get("model_digest")) for r in rows]
+    except (KeyError, ValueError, TypeError) as exc:
         raise ReplaceMeError(f"distances_path: {source} is not a distances.csv written by replaceme ({exc})") from None

@@ -2,12 +2,14 @@
 
 The pruning commands take ``--config FILE`` and any number of ``--set key=value`` overrides
 (values parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line,
-no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3.
+no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3; a
+storage failure (disk full, read-only, unreachable) exits with 4, also with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -29,6 +31,7 @@ COMMANDS = {
     "plan": "GPUs, nodes, memory per stage, stored bytes and FLOPs of a distributed calibration, from config.json alone",
 }
 TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
+STORAGE_FAILED = 4  # exit status: reading or writing files failed (disk full, read-only, …)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,12 +109,26 @@ def main(argv: list[str] | None = None) -> int:
     except ReplaceMeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        log.debug("storage failure", exc_info=True)
+        print(f"error: {storage_failure(exc)}", file=sys.stderr)
+        return STORAGE_FAILED
+
+
+def storage_failure(exc: OSError) -> str:
+    """One line for a failed read or write: what failed, where, and what to do."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}; the run's partial output was removed, nothing was "
+                "published. Free space or choose another output_dir, then rerun")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write{where}: {exc.strerror}; choose a writable output_dir"
+    return f"storage failure{where}: {exc.strerror or exc}; nothing was published"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from replaceme import recipe
     from replaceme.config import load_config
-    from replaceme.outputs import OutputDir
 
     if args.command == "log":
         return _log(args)
@@ -132,29 +149,32 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise
         print(summary(report, config.output_dir))
         return _track(config, config.output_dir, tracker) if tracker else 0
-    ctx = recipe.Context(config, progress=progress)
-    try:
-        _step(args.command, ctx, OutputDir(config.output_dir, ctx.output_options))
-    finally:
-        ctx.close_engine()
+    _step(args.command, config, progress)
     return 0
 
 
-def _step(command: str, ctx: Any, out: Any) -> None:
+def _step(command: str, config: Any, progress: bool) -> None:
+    """One step on the output folder, with the same completion markers as `run` and the ops steps:
+    done steps are skipped, stale inputs refused, a model pass replaced only with --overwrite."""
     from replaceme import recipe
+    from replaceme.outputs import claim_in_place
 
-    if command == "profile":
-        print(json.dumps({"blocks": recipe.profile(ctx, out)}))
-    elif command == "calibrate":
-        blocks = ctx.blocks or recipe.saved_blocks(out) or recipe.profile(ctx, out)
-        _print_solver(recipe.calibrate(ctx, out, blocks))
-    elif command == "solve":
-        _print_solver(recipe.solve(ctx, out))
+    with claim_in_place(config.output_dir, storage_options=config.storage_options(config.output_dir)) as out:
+        runner = recipe.StepRunner(config, out, progress=progress, force=config.overwrite, protect=True)
+        try:
+            outcome = runner.run(command)
+        finally:
+            runner.close()
+    if outcome.skipped:
+        print(f"{command}: already done with these settings ({outcome.marker_uri}); pass --overwrite to redo it")
+    elif command == "profile":
+        print(json.dumps({"blocks": outcome.marker["blocks"]}))
+    elif command in ("calibrate", "solve"):
+        _print_solver(outcome.marker["solver"])
     elif command == "merge":
-        recipe.merge(ctx, out)
         print(f"pruned model written to {out.uri}/model")
     elif command == "evaluate":
-        print(json.dumps(recipe.evaluate_and_record(ctx, out), indent=2))
+        print(json.dumps(outcome.marker["metrics"], indent=2))
 
 
 def _tracker(config: Any) -> Any:

@@ -9,6 +9,7 @@ the model's layer count live in :mod:`replaceme.blocks`.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +23,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from replaceme.errors import ReplaceMeError
@@ -186,6 +188,19 @@ class ReplaceMeConfig(_Strict):
                 raise ValueError(f"[{s1}, {e1}] and [{s2}, {e2}] overlap")
         return ordered
 
+    @model_validator(mode="after")
+    def _local_paths_absolute(self) -> ReplaceMeConfig:
+        """Every local path made absolute here, in the driver: a Ray worker, a RayJob or a step run
+        from another folder would resolve a relative path against its own working directory."""
+        self.model_path = _absolute(self.model_path, must_exist=True)  # else a Hub repo id
+        self.dataset = _absolute(self.dataset, must_exist=True)  # else a Hub dataset name
+        if self.eval is not None:
+            self.eval.dataset = _absolute(self.eval.dataset, must_exist=True)
+        self.output_dir = _absolute(self.output_dir)
+        self.distances_path = _absolute(self.distances_path)
+        self.activations.uri = _absolute(self.activations.uri)
+        return self
+
     @property
     def statistics_depend_on_solver(self) -> bool:
         """Sequential fitting of several blocks calibrates later blocks behind the earlier maps, so
@@ -212,6 +227,14 @@ class ReplaceMeConfig(_Strict):
         data["storage"]["endpoint_url"] = redact_uri(self.storage.endpoint_url)
         data["mlflow"]["tracking_uri"] = redact_uri(self.mlflow.tracking_uri)
         return data
+
+
+def _absolute(path: str | None, *, must_exist: bool = False) -> str | None:
+    """A local path as an absolute one; URIs (and, with ``must_exist``, names that are not local
+    paths, i.e. Hub ids) as given."""
+    if not path or "://" in path or (must_exist and not os.path.exists(os.path.expanduser(path))):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")

@@ -1,21 +1,26 @@
 """The ReplaceMe recipe: profile → calibrate (+ solve) → merge → evaluate, as composable steps.
 
-Each step reads its inputs from and writes its artefacts to the run's output folder, so the
-CLI can run them one by one (``replaceme calibrate`` then ``replaceme merge`` …) or all at once
-(``replaceme run``, which stages the whole folder and publishes it only when complete).
+Each step reads its inputs from and writes its artefacts to the run's output folder, then its
+completion marker (:mod:`replaceme.markers`), so the CLI can run them one by one (``replaceme
+calibrate`` then ``replaceme merge`` …), the pipeline steps in ``ops/`` run them in pods, and
+``replaceme run`` runs them all in a staging folder that it publishes only when complete and
+resumes from its completed steps after a crash. :class:`StepRunner` is that one mechanism.
 Everything a user can get wrong is checked in :meth:`Context.__init__`, before any work.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,9 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from replaceme import __version__, lineage, peak_memory
+from replaceme import __version__, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
-from replaceme.blocks import check_blocks, distances_from_csv, distances_to_csv, select_blocks
+from replaceme.blocks import check_blocks, distances_to_csv, reusable_distances, select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.data import Batch, load_texts, make_batches
@@ -36,9 +41,10 @@ from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
 from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
 from replaceme.merge import kept_layers, merge_checkpoint
-from replaceme.outputs import OutputDir, is_inside, staged_run
+from replaceme.outputs import OWNER_FILE, OutputDir, discard_staging, is_inside, locked, staged_output
 from replaceme.plots import plot_distances
 from replaceme.stats import BlockStats
+from replaceme.storage import filesystem
 from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
 
 log = logging.getLogger("replaceme")
@@ -97,19 +103,20 @@ class Context:
         return self.config.storage_options(self.config.output_dir)
 
     @cached_property
+    def statistics_dtype(self) -> str:
+        return statistics_dtype(self.config, lambda: self.checkpoint)
+
+    @cached_property
     def run_id(self) -> str:
-        """``run_id``, or a digest of every setting that shapes the calibration statistics, so a
-        rerun of the same job finds (and resumes) its own shards in the activation store."""
-        if self.config.run_id:
-            return self.config.run_id
+        """Names the run in the activation store (see :func:`replaceme.markers.run_id`)."""
+        return markers.run_id(self.config, self.statistics_dtype)
+
+    def input_paths(self) -> dict[str, str]:
+        """The run's inputs that exist at a path or URI (not Hub names): an output must never hold one."""
         c = self.config
-        keys = ["model_path", "dataset", "dataset_column", "dataset_size", "dataset_subset", "batch_size",
-                "max_length", "blocks", "sequential", "layers_to_skip", "num_A", "min_distance_layer", "compute_dtype"]
-        shaping = {key: getattr(c, key) for key in keys}
-        shaping["batches_per_shard"] = c.engine.batches_per_shard
-        if c.statistics_depend_on_solver:
-            shaping.update(c.solver_settings())
-        return "run-" + hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        paths = {"model_path": self.model_uri, "dataset": c.dataset,
+                 "eval.dataset": c.eval.dataset if c.eval else None, "distances_path": c.distances_path}
+        return {field: path for field, path in paths.items() if path and ("://" in path or os.path.exists(path))}
 
     @cached_property
     def tokenizer(self):
@@ -169,23 +176,39 @@ class Context:
 
 
 def profile(ctx: Context, out: OutputDir) -> list[Block]:
-    """Choose blocks by angular distance (or reuse ``distances_path``); writes distances.csv/.png."""
+    """The blocks to remove: named in the config, or chosen by angular distance (measured, or reused
+    from ``distances_path``); writes blocks.json (and distances.csv/.png when chosen)."""
     c = ctx.config
+    if ctx.blocks:
+        out.write_json("blocks.json", [list(b) for b in ctx.blocks])
+        return ctx.blocks
+    model_digest = lineage.model_identity(ctx.checkpoint)["digest"]
+    saved = _read_distances(ctx)
     with ctx.timed("profile"):
-        if c.distances_path and os.path.exists(c.distances_path):
-            distances = distances_from_csv(Path(c.distances_path).read_text(), c.distances_path)
+        if saved is not None:
+            distances = reusable_distances(saved, c.distances_path, block_size=c.layers_to_skip, model_digest=model_digest)
             log.info("reusing block distances from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
             distances = ctx.engine.distances(c.layers_to_skip)
         blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
                                merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
-    csv_text = distances_to_csv(distances)
+    csv_text = distances_to_csv(distances, model_digest)
     out.write_text("distances.csv", csv_text)
     out.write_bytes("distances.png", plot_distances(distances, blocks, c.layers_to_skip))
-    if c.distances_path and not os.path.exists(c.distances_path):
-        Path(c.distances_path).write_text(csv_text)
+    if c.distances_path and saved is None:
+        fs, path = filesystem(c.distances_path, field="distances_path", options=c.storage_options(c.distances_path))
+        fs.pipe_file(path, csv_text.encode())
     out.write_json("blocks.json", [list(b) for b in blocks])
     return blocks
+
+
+def _read_distances(ctx: Context) -> str | None:
+    """The text of ``distances_path`` when it exists (local path or URI), else None."""
+    uri = ctx.config.distances_path
+    if not uri:
+        return None
+    fs, path = filesystem(uri, field="distances_path", options=ctx.config.storage_options(uri))
+    return fs.cat_file(path).decode() if fs.exists(path) else None
 
 
 def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[str, Any]]:
@@ -220,9 +243,8 @@ def calibration_engine(ctx: Context):
         return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
     from replaceme.distributed.engine import RayEngine, StageSettings
 
-    device = torch.device("cuda" if c.engine.gpus_per_stage > 0 else "cpu")
-    dtype = resolve_dtype(c.compute_dtype, device, ctx.checkpoint.dtype)
-    settings = StageSettings(ctx.model_uri, ctx.checkpoint.config, device.type, str(dtype).removeprefix("torch."),
+    device = "cuda" if c.engine.gpus_per_stage > 0 else "cpu"
+    settings = StageSettings(ctx.model_uri, ctx.checkpoint.config, device, ctx.statistics_dtype,
                              allow_pickle=c.allow_pickle, storage_options=ctx.storage_options)
     return RayEngine(settings, ctx.batches, c.engine, store=ctx.store, save_rows=c.activations.save_rows,
                      progress=ctx.progress)
@@ -279,7 +301,8 @@ def merge(ctx: Context, out: OutputDir) -> None:
     """Fold the saved maps into a pruned copy of the source checkpoint under ``model/``."""
     transforms = load_transforms(out)
     e = ctx.config.engine
-    with ctx.timed("merge"), out.staged("model", overwrite=ctx.config.overwrite) as staging:
+    # The markers decide when model/ is stale; replacing it is always allowed here.
+    with ctx.timed("merge"), out.staged("model") as staging:
         if e.backend == "ray" and e.merge_workers > 1:
             from replaceme.distributed.cluster import connect
             from replaceme.distributed.merge import merge_on_ray
@@ -311,27 +334,6 @@ def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device) -> dict[
     results = _require_lm_eval().simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks),
                                       device=str(device))
     return results["results"]
-
-
-def evaluate_and_record(ctx: Context, out: OutputDir) -> dict[str, Any]:
-    """``evaluate`` as a step of its own: the whole report.json, as ``run`` writes it, from the maps'
-    solver details (calibration/solver.json) and this config, keeping earlier steps' timings."""
-    if ctx.eval_texts is None:
-        raise ReplaceMeError("eval: no evaluation data configured; set eval: <path to held-out text>")
-    blocks = saved_blocks(out)
-    if not blocks or not out.exists(SOLVER_DETAILS):
-        raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json or {SOLVER_DETAILS}; "
-                             "run `replaceme calibrate` (and `replaceme merge`) first")
-    metrics = evaluate(ctx, out)
-    earlier = json.loads(out.read_text("report.json")) if out.exists("report.json") else {}
-    ctx.timings = {**earlier.get("seconds", {}), **ctx.timings}
-    ctx.step_memory = {**earlier.get("step_peak_memory_mb", {}), **ctx.step_memory}
-    solved = json.loads(out.read_text(SOLVER_DETAILS))
-    report = build_report(ctx, blocks, solved["blocks"], metrics)
-    report["config"].update(solved["settings"])  # how the maps in place were solved, e.g. another alpha
-    report["method"] = solved["settings"]["method"]
-    out.write_json("report.json", report)
-    return metrics
 
 
 def _require_lm_eval():
@@ -397,33 +399,26 @@ def _cosine_distances(chunks, *transforms: torch.Tensor) -> list[float]:
     return [total / rows for total in totals]
 
 
-# --- whole run --------------------------------------------------------------------------------
+# --- the report ------------------------------------------------------------------------------
 
 
-def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Prune end to end; the output folder appears only when everything is written."""
-    ctx = Context(config, progress=progress)
-    torch.manual_seed(config.seed)
-    announce = on_step or (lambda step: None)
-    with staged_run(config.output_dir, overwrite=config.overwrite, storage_options=ctx.output_options) as out:
-        announce("profile")
-        blocks = ctx.blocks or profile(ctx, out)
-        announce("calibrate")
-        details = calibrate(ctx, out, blocks)
-        metrics: dict[str, Any] = {}
-        if not config.save_transform_only:
-            announce("merge")
-            merge(ctx, out)
-            announce("evaluate")
-            metrics = evaluate(ctx, out)
-        report = build_report(ctx, blocks, details, metrics)
-        out.write_json("report.json", report)
-    return report
-
-
-def build_report(ctx: Context, blocks: list[Block], details: list[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, Any]:
+def write_report(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[str, Any]:
+    """report.json of the output folder, as every path to it writes it (``run``, ``replaceme evaluate``,
+    ``ops.evaluate``): the blocks and the maps' solver details in place, this evaluation's metrics, and
+    every step's seconds and peak memory (from the step markers, then from this process)."""
+    blocks = saved_blocks(out)
+    if not blocks or not out.exists(SOLVER_DETAILS):
+        raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json or {SOLVER_DETAILS}; "
+                             "run `replaceme calibrate` first")
+    timings, memory = {}, {}
+    for step in markers.STEPS:
+        marker = markers.read_marker(out, step) or {}
+        timings.update(marker.get("timings", {}))
+        memory.update(marker.get("step_memory", {}))
+    timings.update(ctx.timings)
+    memory.update(ctx.step_memory)
     removed = ctx.num_layers - len(kept_layers(ctx.num_layers, blocks))
-    return {
+    report = {
         "replaceme_version": __version__,
         "source_model": ctx.model_uri,
         "family": ctx.family.name,
@@ -434,14 +429,16 @@ def build_report(ctx: Context, blocks: list[Block], details: list[dict[str, Any]
         "method": ctx.config.method,
         "calibration_tokens": sum(b.num_tokens for b in ctx.batches),
         **metrics,
-        "solver": details,
-        "seconds": ctx.timings,
-        "peak_memory_mb": _overall_peak(ctx.step_memory.values()),
-        "step_peak_memory_mb": ctx.step_memory,
+        "solver": json.loads(out.read_text(SOLVER_DETAILS))["blocks"],
+        "seconds": timings,
+        "peak_memory_mb": _overall_peak(memory.values()),
+        "step_peak_memory_mb": memory,
         "device": str(ctx.device),
         "lineage": ctx.lineage(),
         "config": ctx.config.public_dict(),
     }
+    out.write_json("report.json", report)
+    return report
 
 
 def _overall_peak(step_peaks) -> dict[str, float]:
@@ -451,6 +448,240 @@ def _overall_peak(step_peaks) -> dict[str, float]:
         for key, value in peaks.items():
             overall[key] = max(overall.get(key, 0.0), value)
     return overall
+
+
+# --- steps with completion markers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: its work (returns the extra fields of its marker) and the artefacts it needs."""
+
+    name: str
+    work: Callable[[StepRunner], dict[str, Any]]
+    inputs: Callable[[ReplaceMeConfig], dict[str, str]] = lambda config: {}  # artefact -> step that makes it
+    needs_model: bool = True  # opens a Context (tokenizer, data, checkpoint index)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    step: str
+    skipped: bool
+    marker_uri: str
+    marker: dict[str, Any]
+
+
+def _profile_step(job: StepRunner) -> dict[str, Any]:
+    ctx, out = job.ctx, job.out
+    blocks = [list(b) for b in profile(ctx, out)]
+    names = ["blocks.json"] + ([] if ctx.blocks else ["distances.csv", "distances.png"])
+    return {"blocks": blocks, "selected": not ctx.blocks, "artefacts": artefact_uris(out, *names)}
+
+
+def _calibrate_step(job: StepRunner) -> dict[str, Any]:
+    details = calibrate(job.ctx, job.out, saved_blocks(job.out))
+    return {"solver": details, "artefacts": artefact_uris(job.out, "transforms.safetensors", "calibration")}
+
+
+def _solve_step(job: StepRunner) -> dict[str, Any]:
+    return {"solver": solve(job.ctx, job.out), "artefacts": artefact_uris(job.out, "transforms.safetensors")}
+
+
+def _merge_step(job: StepRunner) -> dict[str, Any]:
+    merge(job.ctx, job.out)
+    return {"artefacts": artefact_uris(job.out, "model")}
+
+
+def _evaluate_step(job: StepRunner) -> dict[str, Any]:
+    ctx, out = job.ctx, job.out
+    if ctx.eval_texts is None:
+        log.warning("evaluate: no eval data configured; report.json will have no perplexities")
+    metrics = evaluate(ctx, out)
+    write_report(ctx, out, metrics)
+    return {"metrics": metrics, "artefacts": artefact_uris(out, "report.json")}
+
+
+def _register_step(job: StepRunner) -> dict[str, Any]:
+    config = job.config
+    if not config.mlflow.enabled:
+        log.info("register: mlflow.enabled is false; nothing recorded")
+        return {"mlflow_run_id": None, "artefacts": {}}
+    from replaceme.tracking import log_output
+
+    return {"mlflow_run_id": log_output(job.out.uri, config), "registered_as": config.mlflow.register_as, "artefacts": {}}
+
+
+def _solve_inputs(config: ReplaceMeConfig) -> dict[str, str]:
+    inputs = {"blocks.json": "calibrate"}
+    if config.activations.uri is None:  # else the statistics live in the activation store
+        inputs["calibration"] = "calibrate"
+    return inputs
+
+
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step("profile", _profile_step),
+    Step("calibrate", _calibrate_step, inputs=lambda config: {"blocks.json": "profile"}),
+    Step("solve", _solve_step, inputs=_solve_inputs),
+    Step("merge", _merge_step, inputs=lambda config: {"transforms.safetensors": "solve"}),
+    Step("evaluate", _evaluate_step, inputs=lambda config: {"model/config.json": "merge"}),
+    Step("register", _register_step, inputs=lambda config: {"report.json": "evaluate"}, needs_model=False),
+)}
+EXPENSIVE = ("profile", "calibrate")  # model passes: the CLI replaces their artefacts only with --overwrite
+
+
+def artefact_uris(out: OutputDir, *names: str) -> dict[str, str]:
+    return {name: f"{out.final_uri}/{name}" for name in names}
+
+
+def cli_command(step: str) -> str:
+    return f"replaceme {step}" if step != "register" else "replaceme log OUTPUT_DIR"
+
+
+class StepRunner:
+    """Runs steps against one output folder: each unless its marker says it is done with these
+    settings, refused when its inputs are missing or stale, its marker written last.
+
+    ``command`` names how the user runs a step (in messages); ``force`` re-runs a step that is done;
+    with ``protect``, a step whose artefacts were made with other settings is replaced only when it
+    is cheap to rebuild (solve, merge, evaluate) — a model pass needs ``force`` (the CLI's --overwrite)."""
+
+    def __init__(self, config: ReplaceMeConfig, out: OutputDir, *, ctx: Context | None = None, progress: bool = True,
+                 command: Callable[[str], str] = cli_command, force: bool = False, protect: bool = False) -> None:
+        self.config, self.out = config, out
+        self._ctx, self.progress = ctx, progress
+        self.command, self.force, self.protect = command, force, protect
+
+    @property
+    def ctx(self) -> Context:
+        if self._ctx is None:
+            self._ctx = Context(self.config, progress=self.progress)
+        return self._ctx
+
+    @cached_property
+    def dtype(self) -> str:
+        if self._ctx is not None:
+            return self._ctx.statistics_dtype
+        return statistics_dtype(self.config, lambda: Checkpoint(_resolve_model_path(self.config),
+                                                               storage_options=self.config.storage_options(self.config.model_path)))
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.close_engine()
+
+    def current(self, name: str) -> dict[str, Any] | None:
+        return markers.current_marker(name, self.config, self.dtype, self.out)
+
+    def run(self, name: str) -> Outcome:
+        step = STEPS[name]
+        upstream = markers.check_inputs(name, self.config, self.dtype, self.out, step.inputs(self.config), self.command)
+        expected = markers.step_digest(name, self.config, self.dtype, upstream["run"] if upstream else None)
+        marker_uri = f"{self.out.uri}/{markers.marker_name(name)}"
+        done = markers.read_marker(self.out, name)
+        if done and done.get("digest") == expected and not self.force:
+            log.info("%s: already done (%s)", name, marker_uri)
+            return Outcome(name, True, marker_uri, done)
+        if self.protect and name in EXPENSIVE and not self.force and done is not None:
+            raise ReplaceMeError(f"{name}: {self.out.uri} already holds the {name} step's results, made with other "
+                                 f"settings; pass --overwrite to replace them (the steps after it are then redone)")
+        self.out.ensure_owned()
+        if name != "register":  # a crash from here on must not leave markers or a report that look current
+            markers.invalidate_after(self.out, name)
+        marker = self._execute(step, expected, upstream)
+        self.out.write_json(markers.marker_name(name), marker)
+        if name == "calibrate":  # calibrate solved the maps with these solver settings: solve is done too
+            self.out.write_json(markers.marker_name("solve"), self._solved_by(marker))
+        log.info("%s: done (%s)", name, marker_uri)
+        return Outcome(name, False, marker_uri, marker)
+
+    def _execute(self, step: Step, expected: str, upstream: dict | None) -> dict[str, Any]:
+        started, clock = _now(), time.perf_counter()
+        ctx = self.ctx if step.needs_model else None
+        seen = set(ctx.timings) if ctx else set()
+        extra = step.work(self)
+        return {
+            "step": step.name,
+            "digest": expected,
+            "run": uuid.uuid4().hex,  # this execution; the next step's digest names it
+            "upstream_run": upstream["run"] if upstream else None,
+            "pipeline_run_id": os.environ.get(lineage.PIPELINE_RUN_ENV),
+            "replaceme_version": __version__,
+            "started": started,
+            "finished": _now(),
+            "seconds": round(time.perf_counter() - clock, 3),
+            "timings": {k: v for k, v in ctx.timings.items() if k not in seen} if ctx else {},
+            "step_memory": {k: v for k, v in ctx.step_memory.items() if k not in seen} if ctx else {},
+            **extra,
+        }
+
+    def _solved_by(self, calibrated: dict[str, Any]) -> dict[str, Any]:
+        return {"step": "solve", "digest": markers.step_digest("solve", self.config, self.dtype, calibrated["run"]),
+                "run": uuid.uuid4().hex, "upstream_run": calibrated["run"], "solved_by": "calibrate",
+                "pipeline_run_id": calibrated["pipeline_run_id"], "replaceme_version": __version__,
+                "started": calibrated["finished"], "finished": calibrated["finished"], "seconds": 0.0,
+                "timings": {}, "step_memory": {}, "solver": calibrated["solver"],
+                "artefacts": artefact_uris(self.out, "transforms.safetensors")}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def statistics_dtype(config: ReplaceMeConfig, checkpoint: Callable[[], Checkpoint]) -> str:
+    """The dtype the calibration statistics are computed in: ``compute_dtype``, where ``auto`` is
+    float32 on CPU and the checkpoint's own dtype on GPUs (Ray stages with GPUs, or a local CUDA device)."""
+    c = config
+    if c.compute_dtype != "auto":
+        return c.compute_dtype
+    gpu = c.engine.gpus_per_stage > 0 if c.engine.backend == "ray" else resolve_device(c.device).type == "cuda"
+    return str(checkpoint().dtype).removeprefix("torch.") if gpu else "float32"
+
+
+# --- whole run --------------------------------------------------------------------------------
+
+
+def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Prune end to end in a staging folder published only when everything is written. A rerun after
+    a crash resumes from the steps the staging folder holds, when the settings that made them are
+    unchanged; a full disk discards the staging folder."""
+    options = config.storage_options(config.output_dir)
+    announce = on_step or (lambda step: None)
+    steps = ["profile", "calibrate", "solve"] + ([] if config.save_transform_only else ["merge", "evaluate"])
+    with locked(config.output_dir, storage_options=options):  # first: a second run fails at once
+        ctx = Context(config, progress=progress)
+        torch.manual_seed(config.seed)
+        try:
+            with staged_output(config.output_dir, overwrite=config.overwrite, inputs=ctx.input_paths(),
+                               storage_options=options) as out:
+                return _run_steps(ctx, out, steps, announce)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # don't leave the disk full
+                discard_staging(config.output_dir, options)
+            raise
+
+
+def _run_steps(ctx: Context, out: OutputDir, steps: list[str], announce: Callable[[str], None]) -> dict[str, Any]:
+    runner = StepRunner(ctx.config, out, ctx=ctx, progress=ctx.progress)
+    _start_or_resume(runner, out)
+    try:
+        for step in steps:
+            announce(step)
+            runner.run(step)
+    finally:
+        runner.close()
+    if ctx.config.save_transform_only:
+        return write_report(ctx, out, {})
+    return json.loads(out.read_text("report.json"))
+
+
+def _start_or_resume(runner: StepRunner, out: OutputDir) -> None:
+    """Keep a staging folder's completed steps when its first step is current; else start afresh."""
+    done = [step for step in ("profile", "calibrate", "solve", "merge", "evaluate") if runner.current(step)]
+    if done:
+        log.info("resuming %s: %s already done with these settings", out.uri, ", ".join(done))
+        return
+    for path in out.fs.ls(out.root, detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != OWNER_FILE:
+            out.fs.rm(path, recursive=True)
 
 
 # --- model location ----------------------------------------------------------------------------

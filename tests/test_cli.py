@@ -52,16 +52,18 @@ def test_steps_one_by_one_and_resolve_with_other_alpha(tmp_path, tiny_llama, cap
     assert main(["profile", *args]) == 0
     assert main(["calibrate", *args]) == 0
     first = load_file(tmp_path / "out" / "transforms.safetensors")
-    assert main(["solve", *args, "--set", "alpha=1000"]) == 0
+    alpha = ["--set", "alpha=1000"]
+    assert main(["solve", *args, *alpha]) == 0
     second = load_file(tmp_path / "out" / "transforms.safetensors")
     (key,) = first
     assert not torch.allclose(first[key], second[key])
-    assert main(["merge", *args]) == 0
-    assert main(["merge", *args]) == 2  # model/ exists: refused without --overwrite
-    assert main(["merge", *args, "--overwrite"]) == 0
-    assert main(["evaluate", *args]) == 0
+    assert main(["merge", *args]) == 2  # alpha 0: the maps in place were solved with alpha 1000
+    assert "run `replaceme solve`" in capsys.readouterr().err
+    assert main(["merge", *args, *alpha]) == 0
+    assert main(["merge", *args, *alpha]) == 0 and "already done" in capsys.readouterr().out
+    assert main(["evaluate", *args, *alpha]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["perplexity_after"] > 0
+    assert report["perplexity_after"] > 0 and set(report["seconds"]) >= {"profile", "calibrate", "solve", "merge"}
     assert "SECRET" not in capsys.readouterr().out + (tmp_path / "out" / "report.json").read_text()
     # the report describes the maps now in place (alpha 1000), as `replaceme run` would have written it
     assert report["config"]["alpha"] == 1000 and "evaluate" in report["seconds"]

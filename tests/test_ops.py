@@ -44,7 +44,7 @@ def no_leaked_run_id(monkeypatch):
 
 
 def test_a_step_that_is_done_is_skipped(config, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="replaceme.ops")
+    caplog.set_level(logging.INFO, logger="replaceme")
     assert not profile(config).skipped
     first = calibrate(config)
     assert not first.skipped and os.path.exists(tmp_path / "out" / "transforms.safetensors")
@@ -76,7 +76,9 @@ def test_forcing_a_step_re_runs_it_and_every_step_after_it(config):
         step(config)
     forced = calibrate(config, force=True)
     assert not forced.skipped
-    assert not solve(config).skipped  # it consumed the earlier calibration
+    solved = solve(config)  # calibrate solved the new maps with these settings, and recorded it
+    assert solved.skipped and solved.marker["upstream_run"] == forced.marker["run"]
+    assert not solve(config, force=True).skipped
 
 
 def test_merge_without_maps_names_the_missing_file_and_the_step_to_run(config, tmp_path):
@@ -88,8 +90,12 @@ def test_merge_without_maps_names_the_missing_file_and_the_step_to_run(config, t
     elsewhere = tmp_path / "elsewhere"
     with pytest.raises(ReplaceMeError, match=r"calibrate: .*/elsewhere/blocks\.json is missing; run `python -m ops\.profile"):
         calibrate(config, output=str(elsewhere))
-    elsewhere.mkdir()  # blocks made some other way: no marker says for which settings
+    assert not elsewhere.exists()  # a refused step leaves nothing behind
+    elsewhere.mkdir()  # blocks made some other way: replaceme does not adopt the folder
     (elsewhere / "blocks.json").write_text("[[2, 4]]")
+    with pytest.raises(ReplaceMeError, match=r"output_dir: .*/elsewhere holds files that replaceme did not write"):
+        calibrate(config, output=str(elsewhere))
+    (elsewhere / ".replaceme").write_text("{}")  # a replaceme folder whose blocks no marker vouches for
     with pytest.raises(ReplaceMeError, match=r"calibrate: .*/elsewhere/steps/profile\.json is missing.*ops\.profile"):
         calibrate(config, output=str(elsewhere))
 
@@ -127,7 +133,7 @@ def test_the_whole_chain_on_uris_ends_with_the_report_of_a_run(tmp_path, tiny_ll
     assert set(report) == set(reference)
     assert report["blocks"] == reference["blocks"]
     assert report["perplexity_after"] == pytest.approx(reference["perplexity_after"])
-    assert set(report["seconds"]) == {"profile", "calibrate", "solve", "merge", "evaluate"}
+    assert set(report["seconds"]) == {"profile", "calibrate", "merge", "evaluate"}  # calibrate solved the maps
     assert report["lineage"]["pipeline_run_id"] == "kfp-run-1"
 
 
