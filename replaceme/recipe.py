@@ -66,8 +66,8 @@ class Context:
                                      storage_options=self.storage_options)
         self.family = family_for(self.checkpoint.config)
         check_estimator(self.family, config.diag)
+        self.checkpoint.validate(self.family.layer_prefix)  # weights, shards, layer count, tokenizer: before any work
         self.num_layers = int(self.checkpoint.config["num_hidden_layers"])
-        _ = self.checkpoint.weight_map  # refuses folders without (safe) weights
         if is_inside(config.output_dir, self.model_uri):
             raise ReplaceMeError(f"output_dir: {config.output_dir} is inside the source model {self.model_uri}; "
                                  "the source is never written to, choose a folder outside it")
@@ -123,7 +123,11 @@ class Context:
         from transformers import AutoTokenizer
 
         with _local_copy(self.checkpoint) as folder:
-            return AutoTokenizer.from_pretrained(folder)
+            try:
+                return AutoTokenizer.from_pretrained(folder)
+            except Exception as exc:  # noqa: BLE001 - transformers raises many kinds, deep inside
+                raise ReplaceMeError(f"model_path: the tokenizer in {self.model_uri} cannot be loaded "
+                                     f"({type(exc).__name__}); copy the base model's tokenizer files into it") from None
 
     @cached_property
     def batches(self) -> list[Batch]:

@@ -1,19 +1,21 @@
 """The Ray engine against the in-process engine, on a real Ray head on loopback.
 
 R replicas × S stages must give the same statistics, maps and block distances as one process, to
-float64 round-off (the partial sums are only added in another order); a stage actor killed
-mid-run is restarted and its shard re-run, with the same result; a rerun resumes from committed
-shards.
+float64 round-off (the partial sums are only added in another order); among themselves, Ray runs
+give bit-identical results (partials are summed in shard order): a stage actor killed mid-run is
+restarted and its shard re-run, shards arriving in another order and a rerun resuming from
+committed shards all give the undisturbed run's statistics exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 
 import pytest
 import torch
@@ -141,11 +143,87 @@ def test_fit_on_the_unpruned_model_in_one_pass(tmp_path, ray_head):
     assert_same(reference(config, sequential=False), distributed(config, sequential=False))
 
 
+def assert_identical(expected, got) -> None:
+    """Bit for bit: the partials are summed in shard order, whatever happened during the run."""
+    assert [c.block for c, _ in got] == [c.block for c, _ in expected]
+    for (want, t_want), (have, t_have) in zip(expected, got):
+        assert have.stats.tokens == want.stats.tokens
+        assert have.stats.yty_trace == want.stats.yty_trace, want.block
+        assert torch.equal(have.stats.xtx, want.stats.xtx), (want.block, "xtx", relative(want.stats.xtx, have.stats.xtx))
+        assert torch.equal(have.stats.xty, want.stats.xty), (want.block, "xty", relative(want.stats.xty, have.stats.xty))
+        assert torch.equal(t_have, t_want), (want.block, "T", relative(t_want, t_have))
+
+
+@contextmanager
+def shard_zero_arrives_last(monkeypatch):
+    """The shards come back in another order than they were sent: 1, 2, …, 0."""
+    from replaceme.distributed.engine import RayEngine
+
+    run_shards = RayEngine._run_shards
+
+    def rotated(self, *args, **kwargs):
+        done = sorted(run_shards(self, *args, **kwargs), key=lambda shard: shard.index)
+        return done[1:] + done[:1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RayEngine, "_run_shards", rotated)
+        yield
+
+
+def test_sums_do_not_depend_on_the_order_shards_arrive_in(tmp_path, ray_head, monkeypatch):
+    """Maps and distances are bit-identical when the shards return in another order (6 shards: the
+    pairwise tree groups other partials together if they are summed as they arrive)."""
+    config = validate_config(settings(tmp_path, ray_head, engine={"batches_per_shard": 1}))
+    ctx = recipe.Context(config, progress=False)
+    runs = []
+    for reorder in (False, True):
+        with shard_zero_arrives_last(monkeypatch) if reorder else nullcontext():
+            with closing(recipe.calibration_engine(ctx)) as engine:
+                runs.append((engine.distances(PROFILED),
+                             engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=True)))
+    (distances, fits), (distances_reordered, fits_reordered) = runs
+    assert len(ctx.batches) == 6
+    assert distances_reordered == distances
+    assert_identical(fits, fits_reordered)
+
+
+def test_distances_are_summed_in_shard_order_not_arrival_order(monkeypatch):
+    """The driver's sum of the shards' angle sums (no cluster: the pass is stubbed). Partials
+    chosen so that float addition is order-sensitive: 1 + 1e16 - 1e16 is 0 in shard order, 1 if
+    shard 0 arrives last."""
+    from replaceme.distributed.engine import RayEngine, StageSettings, _Shard
+    from replaceme.stats import AngleSums
+
+    engine = object.__new__(RayEngine)
+    engine.settings = StageSettings("unused", {"num_hidden_layers": 4}, "cpu", "float32")
+    partials = [1.0, 1e16, -1e16]
+    arrived = [_Shard(i, [], results=[AngleSums(2, {1: partials[i]}, {1: 1})]) for i in (1, 2, 0)]
+    monkeypatch.setattr(engine, "_pipelines_for", lambda layers: [], raising=False)
+    monkeypatch.setattr(engine, "_send_plan", lambda pipelines, plan: None, raising=False)
+    monkeypatch.setattr(engine, "_run_shards", lambda pipelines, plan, committed: arrived, raising=False)
+    assert engine.distances(2)[0] == (1, 3, ((1.0 + 1e16) - 1e16) / 3 / math.pi)
+
+
+def test_resumed_and_recomputed_shards_sum_as_in_one_run(tmp_path, ray_head):
+    """A rerun that recomputes shards 3 and 4 and loads the others from the store gives the first
+    run's statistics bit for bit (the recomputed shards are not summed first)."""
+    store = tmp_path / "store"
+    config = validate_config(settings(tmp_path, ray_head, engine={"batches_per_shard": 1},
+                                      activations={"uri": f"file://{store}"}, run_id="mixed"))
+    first = distributed(config, sequential=True)
+    for block in BLOCKS:
+        for shard in (3, 4):
+            (store / "mixed" / "blocks" / f"{block[0]}-{block[1]}" / "shards" / f"{shard:05d}.json").unlink()
+    again = distributed(config, sequential=True)
+    assert sorted(p.name for p in store.glob("mixed/blocks/3-6/shards/*.json")) == [f"{i:05d}.json" for i in range(6)]
+    assert_identical(first, again)
+
+
 def test_killed_stage_actor_is_restarted_and_its_shard_redone(tmp_path, ray_head):
     store = tmp_path / "store"
-    config = validate_config(settings(tmp_path, ray_head, engine={"stages": 2, "batches_per_shard": 1},
-                                      activations={"uri": f"file://{store}"}, run_id="kill-test", dataset_size=96))
-    expected = reference(config, sequential=True)
+    options = dict(engine={"stages": 2, "batches_per_shard": 1}, activations={"uri": f"file://{store}"}, dataset_size=96)
+    undisturbed = distributed(validate_config(settings(tmp_path, ray_head, run_id="undisturbed", **options)), sequential=True)
+    config = validate_config(settings(tmp_path, ray_head, run_id="kill-test", **options))
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(fits=distributed(config, sequential=True)))
     worker.start()
@@ -153,7 +231,7 @@ def test_killed_stage_actor_is_restarted_and_its_shard_redone(tmp_path, ray_head
     worker.join(timeout=300)
     assert victim is not None, "the run finished before a stage could be killed"
     assert "fits" in result, "calibration did not finish after the stage was killed"
-    assert_same(expected, result["fits"])
+    assert_identical(undisturbed, result["fits"])
     assert ray.util.state.get_actor(victim, address=ray_head.address).num_restarts >= 1
 
 

@@ -6,6 +6,8 @@ go to whichever replica has room, their micro-batches flow stage to stage with s
 and the stage ending a block returns (and, with an activation store, commits) the shard's
 partial statistics. Partials are summed pairwise on the stage actors, level by level (a tree),
 so no process holds more than a few of them at once, and each block is solved once on the driver.
+The tree's leaves are the shards in index order and its shape depends on the shard count only, so
+the sums are bit-identical however the shards arrived, were retried or were resumed from a store.
 Block selection (``distances``) runs the same way over every layer; its partials are a float and a
 token count per candidate block, so the driver simply sums them.
 
@@ -135,7 +137,8 @@ class RayEngine:
         try:
             plan = PhasePlan((), {}, num_layers, save_rows=False, profile=block_size)
             self._send_plan(pipelines, plan)
-            for shard in self._run_shards(pipelines, plan, committed=set()):
+            # Added in shard order (not arrival order), so the distances do not depend on timing.
+            for shard in sorted(self._run_shards(pipelines, plan, committed=set()), key=lambda s: s.index):
                 for partial in shard.results:
                     angles += partial
         except BaseException:
@@ -173,16 +176,18 @@ class RayEngine:
     def _run_phase(self, pipelines: list[_Pipeline], plan: PhasePlan) -> dict[Block, BlockStats]:
         self._send_plan(pipelines, plan)
         committed = self._committed(plan)
-        partials: dict[Block, list] = {b: [] for b in plan.blocks}
+        partials: dict[Block, dict[int, object]] = {b: {} for b in plan.blocks}  # block → shard index → ref
         for shard in self._run_shards(pipelines, plan, committed):
             for block, ref in shard.stats.items():
-                partials[block].append(ref)
+                partials[block][shard.index] = ref
         totals = {}
         reducers = [actor for p in pipelines for actor, layers in p.stages if layers.start < plan.end_layer]
         for block in plan.blocks:
-            partials[block] += [reducers[n % len(reducers)].load_stats.remote(block, shard)
-                                for n, shard in enumerate(sorted(committed))]
-            totals[block] = tree_sum(partials[block], reducers)
+            for n, shard in enumerate(sorted(committed)):
+                partials[block][shard] = reducers[n % len(reducers)].load_stats.remote(block, shard)
+            # Summed in shard order, whichever shard arrived, was retried or was resumed first: the
+            # same calibration set gives bit-identical statistics however the run went.
+            totals[block] = tree_sum([partials[block][i] for i in sorted(partials[block])], reducers)
             if self.store is not None:  # written last: the block's rows and statistics are complete
                 self.store.write_manifest(block, totals[block].xtx.shape[0], expected_shards=len(self.shards))
         return totals
