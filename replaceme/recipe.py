@@ -217,7 +217,8 @@ def calibration_engine(ctx: Context):
     in this process, or stage actors on a Ray cluster (``engine.backend: ray``)."""
     c = ctx.config
     if c.engine.backend == "local":
-        return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
+        return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress, store=ctx.store,
+                           save_rows=c.activations.save_rows, batches_per_shard=c.engine.batches_per_shard)
     from replaceme.distributed.engine import RayEngine, StageSettings
 
     device = torch.device("cuda" if c.engine.gpus_per_stage > 0 else "cpu")
