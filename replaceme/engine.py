@@ -320,11 +320,18 @@ def angle_sums(block_size: int, num_layers: int) -> AngleSums:
 
 
 def check_finite(index: int, out: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:
-    """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly)."""
+    """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly).
+    float32 is advised only where the stream is narrower; in float32 (or wider) it is the weights or inputs."""
     if not torch.isfinite(out).all() and not torch.isfinite(out[attention_mask.to(out.device).bool()]).all():
+        dtype = str(out.dtype).removeprefix("torch.")
+        if out.dtype in (torch.float32, torch.float64):
+            raise ReplaceMeError(
+                f"non-finite activations after decoder layer {index}{where} in {dtype}: the checkpoint's weights "
+                f"(or the inputs) produce NaN or inf there; check layer {index}'s weights in the checkpoint"
+            )
         raise ReplaceMeError(
-            f"non-finite activations after decoder layer {index}{where}; the checkpoint may be corrupt or "
-            f"compute_dtype={out.dtype} may overflow: try compute_dtype: float32"
+            f"non-finite activations after decoder layer {index}{where}: compute_dtype {dtype} may overflow, or "
+            "the checkpoint may be corrupt; try compute_dtype: float32"
         )
 
 

@@ -1,15 +1,20 @@
 """Block selection settings that cannot fit the model are refused before any layer runs, naming the
-key and the numbers."""
+key and the numbers; a non-finite activation names the layer and advises float32 only when the
+stream is not already float32."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from conftest import CALIB
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import CALIB, build_tiny_model
 from replaceme import recipe
 from replaceme.blocks import check_selection
 from replaceme.config import validate_config
-from replaceme.engine import LocalEngine
+from replaceme.engine import LocalEngine, check_finite
 from replaceme.errors import ReplaceMeError
 
 LAYERS = 6  # the tiny test models
@@ -75,3 +80,37 @@ def test_selected_blocks_at_the_limit_still_calibrate(tmp_path, tiny_llama):
     report = recipe.run(config_for(tiny_llama, tmp_path, layers_to_skip=1, num_A=2, min_distance_layer=4),
                         progress=False)
     assert sorted(report["blocks"]) in ([[4, 6]], [[4, 5], [5, 6]])
+
+
+# --- non-finite activations ----------------------------------------------------------------------
+
+
+def inf_model(tmp_path, tokenizer_dir):
+    model = build_tiny_model(tmp_path / "inf", tokenizer_dir)
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.3.mlp.down_proj.weight"
+    tensors = load_file(model / index[name])
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    save_file(tensors, model / index[name], metadata={"format": "pt"})
+    return model
+
+
+def test_non_finite_in_float32_blames_the_weights_not_the_dtype(tmp_path, tokenizer_dir):
+    config = config_for(inf_model(tmp_path, tokenizer_dir), tmp_path, blocks=[[5, 6]], compute_dtype="float32")
+    with pytest.raises(ReplaceMeError) as error:
+        recipe.run(config, progress=False)
+    message = str(error.value)
+    assert message.startswith("non-finite activations after decoder layer 3 (calibration batch 0) in float32")
+    assert "checkpoint's weights" in message and "layer 3" in message
+    assert "try compute_dtype: float32" not in message
+
+
+@pytest.mark.parametrize("dtype, advised", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True),
+                                            (torch.float16, True)])
+def test_float32_advised_only_for_narrower_streams(dtype, advised):
+    out = torch.ones(1, 3, 4, dtype=dtype)
+    out[0, 1, 2] = float("nan")
+    with pytest.raises(ReplaceMeError, match="non-finite activations after decoder layer 7") as error:
+        check_finite(7, out, torch.ones(1, 3, dtype=torch.long))
+    assert ("try compute_dtype: float32" in str(error.value)) == advised
+    assert ("checkpoint's weights" in str(error.value)) != advised
