@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import fsspec
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ from replaceme import cli, layerwise, recipe
 from replaceme.activations import ActivationStore
 from replaceme.config import validate_config
 from replaceme.engine import LocalEngine
+from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
 
 BLOCK = "2-4"
@@ -125,9 +127,37 @@ def test_local_run_writes_the_store_on_s3(tmp_path, tiny_llama, s3_server):
     assert torch.equal(transform(tmp_path / "out"), transform(tmp_path / "memory"))
 
 
-def test_statistics_only_store_has_no_rows(tmp_path, tiny_llama):
-    run(settings(tiny_llama, tmp_path / "out", activations={"uri": f"file://{tmp_path / 'store'}", "save_rows": False},
-                 run_id="stats-only"))
+def test_statistics_only_store_has_no_rows_and_cosine_says_so(tmp_path, tiny_llama):
+    values = settings(tiny_llama, tmp_path / "out", activations={"uri": f"file://{tmp_path / 'store'}",
+                                                                 "save_rows": False}, run_id="stats-only")
+    run(values)
     block = tmp_path / "store" / "stats-only" / "blocks" / BLOCK
     manifest = json.loads((block / "manifest.json").read_text())
     assert manifest["shards"] == list(range(SHARDS)) and manifest["parts"] == [] and not (block / "rows").exists()
+    ctx = recipe.Context(validate_config({**values, "method": "cosine"}), progress=False)
+    with pytest.raises(ReplaceMeError, match=r"^activations.save_rows: file://.*/stats-only holds only the statistics "
+                                             r"of block 2-4, no rows; .*activations.save_rows: true$"):
+        recipe.solve(ctx, OutputDir(str(tmp_path / "out")))
+
+
+def test_two_blocks_fitted_in_turn_match_the_in_memory_run_and_resume(tmp_path, tiny_llama, monkeypatch):
+    values = settings(tiny_llama, tmp_path / "stored", blocks=[[1, 2], [3, 5]], alpha=1.0,
+                      activations={"uri": f"file://{tmp_path / 'store'}"}, run_id="two")
+    run(values)
+    run(settings(tiny_llama, tmp_path / "memory", blocks=[[1, 2], [3, 5]], alpha=1.0))
+    first = load_file(tmp_path / "stored" / "transforms.safetensors")
+    memory = load_file(tmp_path / "memory" / "transforms.safetensors")
+    assert set(first) == {"1-2", "3-5"} and all(torch.equal(first[k], memory[k]) for k in first)
+    ran: list[list[int]] = []
+    original = LocalEngine.run_layer
+
+    def counting(self, index, stream, **kwargs):
+        ran.append(list(self.batch_ids))
+        return original(self, index, stream, **kwargs)
+
+    monkeypatch.setattr(LocalEngine, "run_layer", counting)
+    (tmp_path / "store" / "two" / "blocks" / "3-5" / "shards" / "00000.json").unlink()  # committed for 1-2 only
+    run({**values, "output_dir": str(tmp_path / "resumed")})
+    assert ran and all(ids == [0, 1] for ids in ran)
+    resumed = load_file(tmp_path / "resumed" / "transforms.safetensors")
+    assert all(torch.equal(resumed[k], first[k]) for k in first)
