@@ -430,8 +430,8 @@ class RowWriter:
                 what = (f"holds values up to {rows.detach().abs().max().item():.6g} in magnitude, beyond float16's "
                         f"maximum {FLOAT16_MAX:.0f}")
             raise ReplaceMeError(f"block {block_name(self.block)}, column {name}: {what}; the activation store keeps "
-                                 "rows in float16 and will not write them as inf — use method: lstsq, which needs "
-                                 "only the float64 statistics")
+                                 "rows in float16 and will not write them as inf — use method: lstsq with "
+                                 "activations.save_rows: false, which keeps only the float64 statistics")
         return rows.to("cpu", torch.float16)
 
     def _flush(self, final: bool) -> None:
@@ -507,7 +507,11 @@ class StoredRows:
 
     def __init__(self, store: ActivationStore, block: Block, batch_rows: int = 65536) -> None:
         self.store, self.block, self.batch_rows = store, block, batch_rows
-        store.verify(block)
+        manifest = store.verify(block)
+        if not manifest["parts"] and manifest["tokens"]:
+            raise ReplaceMeError(f"activations.save_rows: {store.location} holds only the statistics of block "
+                                 f"{block_name(block)}, no rows; method: cosine needs them: re-run calibration with "
+                                 "activations.save_rows: true")
 
     def stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return self.store.iter_rows(self.block, self.batch_rows, verify=False)

@@ -26,6 +26,32 @@ def check_blocks(blocks: Sequence[Block], num_layers: int, merge_consecutive: bo
     return _merge_touching(blocks, merge_consecutive)  # starts >= 1: layer 0 always stays
 
 
+def check_selection(num_layers: int, layers_to_skip: int, num_A: int, min_distance_layer: int,
+                    merge_consecutive: bool) -> None:
+    """Refuse, before any layer runs, a selection by distance that cannot succeed: ``layers_to_skip``
+    as large as the model, ``min_distance_layer`` leaving no candidate block, or ``num_A`` blocks that
+    cannot all fit between it and the last layer without overlapping (with a layer left between
+    blocks when ``merge_consecutive`` is false). Passing is necessary, not sufficient: which blocks
+    the distances pick first may still leave too little room (``select_blocks`` says so then)."""
+    size = layers_to_skip
+    if size >= num_layers:
+        raise ReplaceMeError(f"layers_to_skip: {size} must be smaller than the model's {num_layers} layers")
+    first = max(1, min_distance_layer)  # layer 0 always stays: a map is folded into the layer before its block
+    room = num_layers - first  # layers first … num_layers-1
+    if room < size:
+        raise ReplaceMeError(
+            f"min_distance_layer: {min_distance_layer} leaves no candidate block of layers_to_skip={size} layers in "
+            f"the model's {num_layers} layers (the last starts at layer {num_layers - size}); lower "
+            "min_distance_layer or layers_to_skip")
+    fit = room // size if merge_consecutive else (room + 1) // (size + 1)
+    if num_A > fit:
+        gap = "" if merge_consecutive else ", a layer apart as merge_consecutive is false"
+        raise ReplaceMeError(
+            f"num_A: {num_A} blocks of layers_to_skip={size} layers do not fit in layers {first}..{num_layers - 1} "
+            f"(min_distance_layer {min_distance_layer}, {num_layers} layers): at most {fit} fit{gap}; lower num_A "
+            f"or layers_to_skip{'' if merge_consecutive else ', or set merge_consecutive: true'}")
+
+
 def _merge_touching(blocks: list[Block], merge_consecutive: bool) -> list[Block]:
     merged: list[Block] = []
     for start, end in blocks:

@@ -7,8 +7,12 @@ and nothing past the last layer a block needs is loaded. Three passes are built 
 * :meth:`LocalEngine.distances` — angular distance between the stream before and after every
   candidate block (block selection);
 * :meth:`LocalEngine.calibrate` — the taps ``X`` (MLP output of layer ``s-1``), ``h_{s-1}`` and
-  ``h_{e-1}`` for every block, reduced to float64 statistics (and kept as activation rows when an
-  iterative estimator needs them);
+  ``h_{e-1}`` for every block, reduced to float64 statistics per data shard of
+  ``batches_per_shard`` batches and summed in shard order, as the Ray engine does (and kept as
+  activation rows when an iterative estimator needs them). With an activation store, each shard's
+  statistics (and rows) are committed there in the layout the Ray stages write, and each block's
+  manifest last, so that ``replaceme solve`` re-solves from the store; shards already committed
+  for every block are not run again (resume);
 * :meth:`LocalEngine.perplexity` — held-out perplexity of a checkpoint, optionally with layers
   skipped.
 
@@ -17,6 +21,8 @@ Padding rows are dropped from every statistic and distance.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -25,13 +31,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from replaceme.activations import ActivationStore, StoredRows
+from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
 from replaceme.layerwise import LayerwiseModel
 from replaceme.stats import AngleSums, BlockStats
 
+log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 KWARGS_CACHE_BYTES = 512 * 2**20
+BATCHES_PER_SHARD = EngineConfig.model_fields["batches_per_shard"].default
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Activations:
 class BlockCapture:
     block: Block
     stats: BlockStats
-    activations: Activations | None
+    activations: Activations | StoredRows | None
 
 
 # Given a block's captured statistics/activations, return its map T ([hidden, hidden]).
@@ -67,12 +77,25 @@ Estimator = Callable[[BlockCapture], torch.Tensor]
 
 
 class LocalEngine:
-    def __init__(self, model: LayerwiseModel, batches: Sequence[Batch], *, progress: bool = True) -> None:
+    """``store``: the run's activation store, written by :meth:`calibrate` (``save_rows``: the rows
+    too, not only the statistics); ``batches_per_shard``: the data shards' size, as on Ray."""
+
+    def __init__(self, model: LayerwiseModel, batches: Sequence[Batch], *, progress: bool = True,
+                 store: ActivationStore | None = None, save_rows: bool = False,
+                 batches_per_shard: int = BATCHES_PER_SHARD) -> None:
         if not batches:
             raise ReplaceMeError("dataset: no calibration batches; the calibration set is empty")
+        if batches_per_shard < 1:
+            raise ValueError("batches_per_shard must be at least 1")
         self.model = model
         self.batches = list(batches)
         self.progress = progress
+        self.store = store
+        self.save_rows = save_rows and store is not None
+        self.batches_per_shard = batches_per_shard
+        self.num_shards = math.ceil(len(self.batches) / batches_per_shard)
+        self.batch_ids = list(range(len(self.batches)))  # in the whole calibration set (a resumed pass runs some)
+        self.shard_of = [i // batches_per_shard for i in self.batch_ids]
         self._kwargs_cache: dict[tuple[int, int], dict] = {}
         self._kwargs_cache_bytes = 0
 
@@ -129,7 +152,7 @@ class LocalEngine:
 
     def _check_finite(self, index: int, outputs: list[torch.Tensor]) -> None:
         for batch_index, (batch, out) in enumerate(zip(self.batches, outputs)):
-            check_finite(index, out, batch.attention_mask, f" (calibration batch {batch_index})")
+            check_finite(index, out, batch.attention_mask, f" (calibration batch {self.batch_ids[batch_index]})")
 
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress, leave=False)
@@ -167,22 +190,61 @@ class LocalEngine:
         With ``sequential`` the stream after a block is the pruned model's (``h_{s-1} − X + X·T``),
         so later blocks are fitted on the model whose earlier blocks are already replaced;
         without it every block sees the original model, as the published least-squares code does.
+
+        With a store, the shards committed there for every block (a rerun of the same run id) are
+        not run: their statistics are read back; a shard committed for some blocks only runs, and
+        its committed statistics are read back for those blocks.
         """
+        blocks = sorted(blocks)
+        committed = self._committed(blocks, keep_activations)
+        skipped = set.intersection(*committed.values()) if committed else set()
+        runner = self._without_shards(skipped)  # None: every shard is committed, no layer runs
+        if skipped:
+            log.info("resuming: %d of %d data shards already committed to the activation store", len(skipped),
+                     self.num_shards)
         results = []
-        stream = self.embed()
+        stream = runner.embed() if runner else []
         next_layer = 0
-        with self._bar(max(e for _, e in blocks), "calibrate") as bar:
-            for start, end in sorted(blocks):
-                stream = self.run_layers(range(next_layer, start - 1), stream, bar)
-                stream, x = self.run_layer(start - 1, stream, tap_mlp=True)
-                bar.update()
-                target = self.run_layers(range(start, end), stream, bar)
-                capture = self._capture((start, end), stream, x, target, keep_activations)
+        with self._bar(max(e for _, e in blocks) if runner else 0, "calibrate") as bar:
+            for start, end in blocks:
+                x, target = [], []
+                if runner:
+                    stream = runner.run_layers(range(next_layer, start - 1), stream, bar)
+                    stream, x = runner.run_layer(start - 1, stream, tap_mlp=True)
+                    bar.update()
+                    target = runner.run_layers(range(start, end), stream, bar)
+                capture = self._capture((start, end), runner, stream, x, target, keep_activations,
+                                        committed.get((start, end), set()))
                 transform = estimator(capture)
                 results.append((capture, transform))
-                stream = self._apply(stream, x, transform) if sequential else target
+                if runner:
+                    stream = runner._apply(stream, x, transform) if sequential else target
                 next_layer = end
         return results
+
+    def _committed(self, blocks: Sequence[Block], keep_activations: bool) -> dict[Block, set[int]]:
+        """Per block, the shards whose statistics (and rows, when rows are saved) the store already
+        holds. None are reused when the estimator needs rows that are kept in memory only."""
+        if self.store is None or (keep_activations and not self.save_rows):
+            return {}
+        committed = {}
+        for block in blocks:
+            records = self.store.committed_shards(block)
+            committed[block] = {n for n, r in records.items() if n < self.num_shards and (
+                not self.save_rows or r["part"] is not None or r["tokens"] == 0)}
+        return committed
+
+    def _without_shards(self, skipped: set[int]) -> LocalEngine | None:
+        """This engine, or one over the batches of the shards not in ``skipped`` (None when none is left)."""
+        if not skipped:
+            return self
+        kept = [i for i in self.batch_ids if self.shard_of[i] not in skipped]
+        if not kept:
+            return None
+        runner = LocalEngine(self.model, [self.batches[i] for i in kept], progress=self.progress, store=self.store,
+                             save_rows=self.save_rows, batches_per_shard=self.batches_per_shard)
+        runner.batch_ids, runner.shard_of = kept, [self.shard_of[i] for i in kept]
+        return runner
 
     def perplexity(self, skip: set[int] = frozenset()) -> tuple[float, int]:
         """Perplexity of next-token prediction over non-padding tokens, and the token count."""
@@ -208,16 +270,42 @@ class LocalEngine:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _capture(self, block: Block, h_before: list[torch.Tensor], x: list[torch.Tensor],
-                 h_after: list[torch.Tensor], keep_activations: bool) -> BlockCapture:
-        stats = BlockStats.zeros(self.model.hidden_size, device=h_before[0].device)
-        activations = Activations() if keep_activations else None
-        for hb, xb, ha in zip(self.rows(h_before), self.rows(x), self.rows(h_after)):
-            y = ha - hb + xb
-            stats.update(xb, y)
-            if activations is not None:
-                activations.add(xb, y, hb - xb)
-        return BlockCapture(block, stats, activations)
+    def _capture(self, block: Block, runner: LocalEngine | None, h_before: list[torch.Tensor], x: list[torch.Tensor],
+                 h_after: list[torch.Tensor], keep_activations: bool, committed: set[int]) -> BlockCapture:
+        """The block's statistics: per data shard (committed to the store when there is one, rows
+        streamed into it), summed in shard order; shards in ``committed`` are read back instead.
+        With the rows in the store the estimator reads them from there (as after a Ray run, and as
+        ``replaceme solve`` does), else they are kept in memory when it needs them."""
+        hidden = self.model.hidden_size
+        device = h_before[0].device if h_before else torch.device("cpu")
+        in_memory = Activations() if keep_activations and not self.save_rows else None
+        positions: dict[int, list[int]] = {}  # shard → positions of its batches in the runner's stream
+        for position, shard in enumerate(runner.shard_of if runner else []):
+            positions.setdefault(shard, []).append(position)
+        total = BlockStats.zeros(hidden, device=device)
+        for shard in range(self.num_shards):
+            if shard in committed:
+                total += self.store.load_stats(block, shard)
+                continue
+            stats = BlockStats.zeros(hidden, device=device)
+            writer = self.store.row_writer(block, shard) if self.save_rows else None
+            with writer if writer is not None else contextlib.nullcontext():
+                for position in positions.get(shard, []):
+                    mask = runner.batches[position].attention_mask.to(device).bool()
+                    hb, xb, ha = h_before[position][mask], x[position][mask], h_after[position][mask]
+                    y = ha - hb + xb
+                    stats.update(xb, y)
+                    if writer is not None:
+                        writer.write(xb, y, hb - xb)
+                    if in_memory is not None:
+                        in_memory.add(xb, y, hb - xb)
+            if self.store is not None:
+                self.store.commit_shard(block, shard, stats, writer.close() if writer is not None else None)
+            total += stats
+        if self.store is not None:  # written last: the block's statistics and rows are complete
+            self.store.write_manifest(block, hidden, expected_shards=self.num_shards)
+        rows = StoredRows(self.store, block) if keep_activations and self.save_rows else in_memory
+        return BlockCapture(block, total, rows)
 
     def _apply(self, stream: list[torch.Tensor], x: list[torch.Tensor], transform: torch.Tensor) -> list[torch.Tensor]:
         """The stream after layer s-1 once the map is folded in: ``h − X + X·T``."""
@@ -232,11 +320,18 @@ def angle_sums(block_size: int, num_layers: int) -> AngleSums:
 
 
 def check_finite(index: int, out: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:
-    """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly)."""
+    """Stop with the layer named when a non-padding activation is NaN or inf (padding may overflow harmlessly).
+    float32 is advised only where the stream is narrower; in float32 (or wider) it is the weights or inputs."""
     if not torch.isfinite(out).all() and not torch.isfinite(out[attention_mask.to(out.device).bool()]).all():
+        dtype = str(out.dtype).removeprefix("torch.")
+        if out.dtype in (torch.float32, torch.float64):
+            raise ReplaceMeError(
+                f"non-finite activations after decoder layer {index}{where} in {dtype}: the checkpoint's weights "
+                f"(or the inputs) produce NaN or inf there; check layer {index}'s weights in the checkpoint"
+            )
         raise ReplaceMeError(
-            f"non-finite activations after decoder layer {index}{where}; the checkpoint may be corrupt or "
-            f"compute_dtype={out.dtype} may overflow: try compute_dtype: float32"
+            f"non-finite activations after decoder layer {index}{where}: compute_dtype {dtype} may overflow, or "
+            "the checkpoint may be corrupt; try compute_dtype: float32"
         )
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import save as save_safetensors
 
 from replaceme import __version__, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
-from replaceme.blocks import check_blocks, distances_to_csv, reusable_distances, select_blocks
+from replaceme.blocks import check_blocks, check_selection, distances_to_csv, reusable_distances, select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.data import Batch, load_texts, make_batches
@@ -72,8 +72,9 @@ class Context:
             raise ReplaceMeError(f"output_dir: {config.output_dir} is inside the source model {self.model_uri}; "
                                  "the source is never written to, choose a folder outside it")
         self.blocks = check_blocks(config.blocks, self.num_layers, config.merge_consecutive) if config.blocks else None
-        if self.blocks is None and config.layers_to_skip >= self.num_layers:
-            raise ReplaceMeError(f"layers_to_skip: {config.layers_to_skip} must be smaller than the model's {self.num_layers} layers")
+        if self.blocks is None:  # selected by distance: refuse settings that cannot fit before any layer runs
+            check_selection(self.num_layers, config.layers_to_skip, config.num_A, config.min_distance_layer,
+                            config.merge_consecutive)
         self.texts = load_texts(config.dataset, column=config.dataset_column, split=config.dataset_subset,
                                 size=config.dataset_size, tokenizer=self.tokenizer, field="dataset")
         self.eval_texts = None
@@ -244,7 +245,8 @@ def calibration_engine(ctx: Context):
     in this process, or stage actors on a Ray cluster (``engine.backend: ray``)."""
     c = ctx.config
     if c.engine.backend == "local":
-        return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress)
+        return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress, store=ctx.store,
+                           save_rows=c.activations.save_rows, batches_per_shard=c.engine.batches_per_shard)
     from replaceme.distributed.engine import RayEngine, StageSettings
 
     device = "cuda" if c.engine.gpus_per_stage > 0 else "cpu"
