@@ -2,7 +2,8 @@
 
 The pruning commands take ``--config FILE`` and any number of ``--set key=value`` overrides
 (values parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line,
-no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3.
+no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3; an
+interrupt (Ctrl-C, a scheduler's SIGINT) prints one line and exits with 130.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ COMMANDS = {
     "plan": "GPUs, nodes, memory per stage, stored bytes and FLOPs of a distributed calibration, from config.json alone",
 }
 TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
+INTERRUPTED = 130  # exit status after SIGINT, as shells report it (128 + 2)
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt whose message says what state it left behind."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     except ReplaceMeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"error: {str(exc) or _interrupted(args.command)}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _interrupted(command: str) -> str:
+    """What an interrupt of ``command`` left behind, for the one line the user sees."""
+    if command == "run":  # the run is staged in <output>.incomplete and published only when complete
+        return "interrupted; nothing was published"
+    if command == "log":
+        return "interrupted; the run may not be recorded in MLflow: run `replaceme log` again"
+    if command in COMMANDS and command != "plan":
+        return f"interrupted; `replaceme {command}` did not finish: run it again"
+    return "interrupted"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -131,7 +151,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 tracker.cancel()
             raise
         print(summary(report, config.output_dir))
-        return _track(config, config.output_dir, tracker) if tracker else 0
+        if not tracker:
+            return 0
+        try:
+            return _track(config, config.output_dir, tracker)
+        except KeyboardInterrupt:
+            tracker.cancel()
+            raise Interrupted(f"interrupted; the outputs in {config.output_dir} are complete but may not be recorded "
+                              f"in MLflow: record them with `replaceme log {config.output_dir}`") from None
     ctx = recipe.Context(config, progress=progress)
     try:
         _step(args.command, ctx, OutputDir(config.output_dir, ctx.output_options))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -354,12 +355,17 @@ class TrackerProcess:
     at low CPU priority does it on the cores the run leaves idle; a thread would not, because it
     would contend for the interpreter lock with the run's own Python. The config travels over a
     pipe (it may hold credentials), never on the command line.
+
+    The child ignores SIGINT: Ctrl-C reaches the whole process group, and the run (this process)
+    decides what an interrupt means, then cancels the child; a child of its own would print a
+    traceback from wherever it was importing MLflow.
     """
 
     def __init__(self, config: ReplaceMeConfig) -> None:
         self.uri = tracking_uri(config.mlflow)
-        self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        with _sigint_ignored():  # inherited through exec: Python leaves an ignored SIGINT ignored
+            self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
         self.process.stdin.write(json.dumps(_revealed(config)) + "\n")
         self.process.stdin.flush()
 
@@ -380,6 +386,20 @@ class TrackerProcess:
         self.process.communicate()
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored for the moment it takes to start a child (only the main thread may do so)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: the child gets the default disposition
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     data["token"] = None  # not needed to record a run
@@ -389,6 +409,7 @@ def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
 def _serve() -> None:
     """The child of :class:`TrackerProcess`: open MLflow now, record the output named on stdin."""
     os.nice(19)  # the run comes first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides, and cancels this process
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from replaceme.config import validate_config
 

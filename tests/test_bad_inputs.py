@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import CALIB, EVAL, build_tiny_model
-from replaceme import recipe
-from replaceme.config import validate_config
+from conftest import CALIB, EVAL, build_tiny_model, write_config
+from replaceme import cli, recipe
+from replaceme.config import load_config, validate_config
+from replaceme.data import load_texts
 from replaceme.errors import ReplaceMeError
+from user_cli import INTERRUPTED, ROOT, TRACKING_FAILED, USER_ERROR, assert_one_line_error, replaceme_cli, snapshot
 
 
 def config_for(model, tmp_path, **changes):
@@ -115,3 +123,51 @@ def test_lm_eval_tasks_need_lm_eval(tmp_path, tiny_llama, monkeypatch):
     config = config_for(tiny_llama, tmp_path, eval={"dataset": str(EVAL), "lm_eval_tasks": ["hellaswag"]})
     fails(config, "pip install 'replaceme[eval]'")
     assert not (tmp_path / "out").exists()
+
+
+# --- interrupted runs --------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_run_is_one_line_and_publishes_nothing(tmp_path, tiny_llama):
+    """SIGINT to the whole process group, as a terminal sends it: the run and its MLflow tracking child
+    both stop without a traceback, exit 130, and no output folder appears."""
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "job.yaml", model_path=str(tiny_llama), dataset=str(CALIB), eval=str(EVAL),
+                          output_dir=str(out), max_length=128, dataset_size=256, batch_size=4, blocks=[[2, 4]],
+                          mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"})
+    process = subprocess.Popen([sys.executable, "-m", "replaceme", "run", "--config", str(config), "--quiet"],
+                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "out.incomplete").exists():  # the run is under way
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    result = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    assert_one_line_error(result, INTERRUPTED, "interrupted", "nothing was published")
+    assert not out.exists()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # the tracking child is gone too
+        os.killpg(process.pid, 0)
+
+
+def test_ctrl_c_in_a_pipeline_step_is_one_line(monkeypatch, capsys):
+    from ops.common import Step
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    step = Step("calibrate", lambda job: {}, help="")
+    monkeypatch.setattr(Step, "run", interrupted)
+    try:
+        code = step.main(["--set", "model_path=m", "--set", "dataset=d"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped Step.main")
+    assert code == INTERRUPTED
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: interrupted") and "steps/calibrate.json" in line
