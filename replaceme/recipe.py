@@ -121,13 +121,16 @@ class Context:
     @cached_property
     def batches(self) -> list[Batch]:
         c = self.config
-        return make_batches(self.texts, self.tokenizer, batch_size=c.batch_size, max_length=c.max_length, field="dataset")
+        return make_batches(self.texts, self.tokenizer, batch_size=c.batch_size, max_length=c.max_length, field="dataset",
+                            context=self.checkpoint.config.get("max_position_embeddings"))
 
     @cached_property
     def eval_batches(self) -> list[Batch]:
         e, c = self.config.eval, self.config
         return make_batches(self.eval_texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
-                            max_length=e.max_length or c.max_length, field="eval.dataset")
+                            max_length=e.max_length or c.max_length, field="eval.dataset",
+                            context=self.checkpoint.config.get("max_position_embeddings"),
+                            length_key="eval.max_length" if e.max_length else "max_length")
 
     @cached_property
     def engine(self):

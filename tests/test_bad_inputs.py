@@ -171,3 +171,64 @@ def test_ctrl_c_in_a_pipeline_step_is_one_line(monkeypatch, capsys):
     assert code == INTERRUPTED
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: interrupted") and "steps/calibrate.json" in line
+
+
+# --- warnings with the numbers -----------------------------------------------------------------
+
+
+def replaceme_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "replaceme" and r.levelno == logging.WARNING]
+
+
+def test_more_texts_requested_than_the_data_holds_warns_once(tmp_path, tiny_llama, caplog):
+    config = config_for(tiny_llama, tmp_path, dataset_size=8000, eval={"dataset": str(EVAL), "dataset_size": 1000})
+    with caplog.at_level(logging.WARNING, logger="replaceme"):
+        ctx = recipe.Context(config, progress=False)
+    assert (len(ctx.texts), len(ctx.eval_texts)) == (256, 128)
+    warned = replaceme_warnings(caplog)
+    calibration = [w for w in warned if w.startswith("dataset_size: 8000 requested but")]
+    evaluation = [w for w in warned if w.startswith("eval.dataset_size: 1000 requested but")]
+    assert len(calibration) == 1 and "256 non-empty texts; using 256" in calibration[0] and str(CALIB) in calibration[0]
+    assert len(evaluation) == 1 and "128 non-empty texts; using 128" in evaluation[0]
+
+
+def test_texts_longer_than_the_model_context_are_cut_to_it_with_a_warning(tmp_path, tiny_llama, caplog):
+    model = tmp_path / "short-context"
+    shutil.copytree(tiny_llama, model)
+    settings = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 16}))
+    config = config_for(model, tmp_path, max_length=64, eval={"dataset": str(EVAL), "max_length": 48})
+    with caplog.at_level(logging.WARNING, logger="replaceme"):
+        ctx = recipe.Context(config, progress=False)
+        assert max(b.input_ids.shape[1] for b in ctx.batches) == 16
+        assert max(b.input_ids.shape[1] for b in ctx.eval_batches) == 16
+    warned = replaceme_warnings(caplog)
+    calibration = [w for w in warned if w.startswith("max_length: 64 ")]
+    evaluation = [w for w in warned if w.startswith("eval.max_length: 48 ")]
+    assert len(calibration) == 1 and len(evaluation) == 1, warned
+    assert "max_position_embeddings 16" in calibration[0] and "of 16 texts" in calibration[0]
+    assert "cut to 16 tokens" in calibration[0]
+
+
+def test_texts_within_the_context_give_no_warning(tmp_path, tiny_llama, caplog):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": f"a short text, number {i}"}) + "\n" for i in range(16)))
+    config = config_for(tiny_llama, tmp_path, dataset=str(short), eval=str(short), max_length=4096)  # context: 256
+    with caplog.at_level(logging.WARNING, logger="replaceme"):
+        ctx = recipe.Context(config, progress=False)
+        assert ctx.batches and ctx.eval_batches
+    assert not [w for w in replaceme_warnings(caplog) if "max_length" in w or "requested" in w]
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def test_missing_column_names_the_config_key(tmp_path, tiny_llama):
+    fails(config_for(tiny_llama, tmp_path, dataset_column="content"), "set dataset_column")
+    message = fails(config_for(tiny_llama, tmp_path, eval={"dataset": str(EVAL), "dataset_column": "body"}),
+                    "set eval.dataset_column")
+    assert message.startswith("eval.dataset:") and "'text'" in message
+    rows = tmp_path / "ids.jsonl"
+    rows.write_text('{"id": 1, "text": "a b c"}\n')
+    with pytest.raises(ReplaceMeError, match="set eval.dataset_column to a text column"):
+        load_texts(str(rows), column="id", field="eval.dataset")
