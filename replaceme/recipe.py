@@ -69,12 +69,14 @@ class Context:
         if self.blocks is None and config.layers_to_skip >= self.num_layers:
             raise ReplaceMeError(f"layers_to_skip: {config.layers_to_skip} must be smaller than the model's {self.num_layers} layers")
         self.texts = load_texts(config.dataset, column=config.dataset_column, split=config.dataset_subset,
-                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset")
+                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset",
+                                storage_options=config.storage_options(config.dataset))
         self.eval_texts = None
         if config.eval is not None:
             e = config.eval
             self.eval_texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset,
-                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset")
+                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset",
+                                         storage_options=config.storage_options(e.dataset))
             if e.lm_eval_tasks:
                 _require_lm_eval()
         self.device = resolve_device(config.device)

@@ -232,3 +232,15 @@ def test_missing_column_names_the_config_key(tmp_path, tiny_llama):
     rows.write_text('{"id": 1, "text": "a b c"}\n')
     with pytest.raises(ReplaceMeError, match="set eval.dataset_column to a text column"):
         load_texts(str(rows), column="id", field="eval.dataset")
+
+
+def test_calibration_and_eval_data_on_s3_use_the_configured_endpoint(tmp_path, tiny_llama, s3_server):
+    bucket = s3_server.create_bucket("texts")
+    for path in (CALIB, EVAL):
+        s3_server.client().put_object(Bucket="texts", Key=f"data/{path.name}", Body=path.read_bytes())
+    assert "AWS_ENDPOINT_URL" not in os.environ  # only the config says where the server is
+    config = config_for(tiny_llama, tmp_path, dataset=f"{bucket}/data/{CALIB.name}", dataset_size=8,
+                        eval={"dataset": f"{bucket}/data/{EVAL.name}", "dataset_size": 4},
+                        storage={"endpoint_url": s3_server.endpoint_url})
+    ctx = recipe.Context(config, progress=False)
+    assert len(ctx.texts) == 8 and len(ctx.eval_texts) == 4
