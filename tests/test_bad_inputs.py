@@ -244,3 +244,22 @@ def test_calibration_and_eval_data_on_s3_use_the_configured_endpoint(tmp_path, t
                         storage={"endpoint_url": s3_server.endpoint_url})
     ctx = recipe.Context(config, progress=False)
     assert len(ctx.texts) == 8 and len(ctx.eval_texts) == 4
+
+
+def test_config_that_is_a_folder_is_one_clear_line(tmp_path):
+    result = replaceme_cli("run", "--config", str(tmp_path), cwd=tmp_path)
+    line = assert_one_line_error(result, USER_ERROR, str(tmp_path), "is a folder")
+    assert "does not exist" not in line
+
+
+def test_type_errors_never_echo_secrets(tmp_path):
+    settings = ["mlflow.tracking_uri=[http://alice:pa55word@mlflow.example:5000]",
+                "storage.endpoint_url={url: 'https://bob:hunter2-secret@s3.example', aws_secret_access_key: k3y-s3cret}",
+                "mlflow.experiment={token: t0ken-s3cret}"]
+    with pytest.raises(ReplaceMeError) as error:
+        load_config(None, ["model_path=m", "dataset=d", *settings])
+    message = str(error.value)
+    assert "'mlflow.tracking_uri'" in message and "'storage.endpoint_url'" in message
+    assert "alice:***@mlflow.example" in message
+    for secret in ("pa55word", "hunter2", "k3y-s3cret", "t0ken-s3cret"):
+        assert secret not in message, message
