@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ def _log(args: argparse.Namespace) -> int:
             raise ReplaceMeError(f"OUTPUT_DIR: {args.output_dir} has no report.json; only a finished run can be "
                                  "logged (for s3:// outputs pass --config with the storage settings)")
         recorded = json.loads(out.read_text("report.json"))["config"]
+        _check_redacted_uris(recorded, args.overrides)
         config = load_config(None, [*_recorded_settings(recorded), *args.overrides, f"output_dir={args.output_dir}"])
     return _track(config, args.output_dir, Tracker(config))
 
@@ -227,7 +229,33 @@ def _recorded_settings(recorded: dict[str, Any]) -> list[str]:
     """The config recorded in report.json as ``--set`` items, without the redacted secrets."""
     recorded = {key: value for key, value in recorded.items() if value != "***"}
     recorded["storage"]["options"] = {k: v for k, v in recorded["storage"]["options"].items() if v != "***"}
+    for section, key in REDACTED_URIS:
+        if _is_redacted(recorded[section].get(key)):
+            del recorded[section][key]
     return [f"{key}={json.dumps(value)}" for key, value in recorded.items()]
+
+
+REDACTED_URIS = (("mlflow", "tracking_uri"), ("storage", "endpoint_url"))  # recorded as scheme://user:***@host
+
+
+def _is_redacted(uri: Any) -> bool:
+    from urllib.parse import urlsplit
+
+    return isinstance(uri, str) and urlsplit(uri).password == "***"
+
+
+def _check_redacted_uris(recorded: dict[str, Any], overrides: list[str]) -> None:
+    """A URI recorded without its password cannot be used again; the user must give it."""
+    from replaceme.tracking import credentials_hint
+
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for section, key in REDACTED_URIS:
+        uri = recorded.get(section, {}).get(key)
+        if _is_redacted(uri) and not given & {section, f"{section}.{key}"}:
+            hint = (credentials_hint(uri) if section == "mlflow" else
+                    "pass --config with the storage settings, or --set storage.endpoint_url=<the URI>")
+            raise ReplaceMeError(f"{section}.{key}: the run was made with a password in {section}.{key}, which "
+                                 f"report.json does not keep; {hint}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -236,7 +264,10 @@ def _compare(args: argparse.Namespace) -> int:
     from replaceme.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(MlflowConfig())
-    table = compare_runs(uri, args.experiment, metrics=args.metrics, sort=args.sort, max_runs=args.max_runs)
+    field = ("--tracking-uri" if args.tracking_uri else
+             "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking URI")
+    table = compare_runs(uri, args.experiment, metrics=args.metrics, sort=args.sort, max_runs=args.max_runs,
+                         field=field)
     print(format_table(table))
     if args.plot:
         Path(args.plot).write_bytes(plot_comparison(table, args.plot_metric))

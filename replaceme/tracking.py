@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from replaceme.blocks import distances_from_csv
-from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri
+from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri, without_credentials
 from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
 
@@ -123,10 +123,19 @@ class Tracker:
 
 def tracking_failed(uri: str, output_uri: str, reason: str) -> TrackingError:
     password = urlsplit(uri).password
-    if password:  # MLflow's own messages may quote the URI
+    relog = f"re-log them with `replaceme log {output_uri}`"
+    if password:  # MLflow's own messages may quote the URI; report.json keeps no password to re-log with
         reason = reason.replace(password, "***")
+        relog = (f"re-log them with `replaceme log {output_uri} --set mlflow.tracking_uri={without_credentials(uri)}` "
+                 "with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD set")
     return TrackingError(f"mlflow.tracking_uri: tracking failed, the run was not recorded in {redact_uri(uri)} ({reason}); "
-                         f"the outputs in {output_uri} are complete: re-log them with `replaceme log {output_uri}`")
+                         f"the outputs in {output_uri} are complete: {relog}")
+
+
+def credentials_hint(uri: str) -> str:
+    """How to give a tracking URI whose password was redacted, without printing one."""
+    return (f"pass `--set mlflow.tracking_uri={without_credentials(uri)}` with MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD set (or --set mlflow.tracking_uri=<the URI with its password>)")
 
 
 def _check_reachable(uri: str) -> None:

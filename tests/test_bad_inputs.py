@@ -234,18 +234,6 @@ def test_missing_column_names_the_config_key(tmp_path, tiny_llama):
         load_texts(str(rows), column="id", field="eval.dataset")
 
 
-def test_calibration_and_eval_data_on_s3_use_the_configured_endpoint(tmp_path, tiny_llama, s3_server):
-    bucket = s3_server.create_bucket("texts")
-    for path in (CALIB, EVAL):
-        s3_server.client().put_object(Bucket="texts", Key=f"data/{path.name}", Body=path.read_bytes())
-    assert "AWS_ENDPOINT_URL" not in os.environ  # only the config says where the server is
-    config = config_for(tiny_llama, tmp_path, dataset=f"{bucket}/data/{CALIB.name}", dataset_size=8,
-                        eval={"dataset": f"{bucket}/data/{EVAL.name}", "dataset_size": 4},
-                        storage={"endpoint_url": s3_server.endpoint_url})
-    ctx = recipe.Context(config, progress=False)
-    assert len(ctx.texts) == 8 and len(ctx.eval_texts) == 4
-
-
 def test_config_that_is_a_folder_is_one_clear_line(tmp_path):
     result = replaceme_cli("run", "--config", str(tmp_path), cwd=tmp_path)
     line = assert_one_line_error(result, USER_ERROR, str(tmp_path), "is a folder")
@@ -263,3 +251,50 @@ def test_type_errors_never_echo_secrets(tmp_path):
     assert "alice:***@mlflow.example" in message
     for secret in ("pa55word", "hunter2", "k3y-s3cret", "t0ken-s3cret"):
         assert secret not in message, message
+
+
+def test_compare_creates_no_store_where_there_is_none(tmp_path):
+    missing = tmp_path / "nothing-here" / "mlflow.db"
+    result = replaceme_cli("compare", "--tracking-uri", f"sqlite:///{missing}", cwd=tmp_path)
+    assert_one_line_error(result, USER_ERROR, "no runs", str(missing), "--tracking-uri")
+    result = replaceme_cli("compare", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})  # the default store
+    assert_one_line_error(result, USER_ERROR, "no runs", "MLFLOW_TRACKING_URI")
+    assert list(tmp_path.iterdir()) == []
+
+
+def dead_server(user: str = "alice", password: str = "pa55word-secret") -> str:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return f"http://{user}:{password}@127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_tracking_hint_and_relog_never_replay_a_redacted_uri(tmp_path, tiny_llama, capsys):
+    uri = dead_server()
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "job.yaml", model_path=str(tiny_llama), dataset=str(CALIB), output_dir=str(out),
+                          max_length=32, dataset_size=8, blocks=[[2, 4]], save_transform_only=True,
+                          mlflow={"tracking_uri": uri})
+    assert cli.main(["run", "--config", str(config), "--quiet"]) == TRACKING_FAILED
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "pa55word" not in line and "MLFLOW_TRACKING_PASSWORD" in line
+    assert f"mlflow.tracking_uri=http://127.0.0.1:{uri.rsplit(':', 1)[1]}" in line  # no user, no password
+    assert not any("***@" in part for part in line.split("`")[1::2]), line  # no redacted URI to copy
+
+    before = snapshot(out)
+    assert cli.main(["log", str(out)]) == USER_ERROR  # report.json keeps no password to record with
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "mlflow.tracking_uri" in line and "MLFLOW_TRACKING_PASSWORD" in line and "pa55word" not in line
+    assert "--set mlflow.tracking_uri=" in line and "=http://alice:***" not in line
+    assert snapshot(out) == before
+
+
+def test_calibration_and_eval_data_on_s3_use_the_configured_endpoint(tmp_path, tiny_llama, s3_server):
+    bucket = s3_server.create_bucket("texts")
+    for path in (CALIB, EVAL):
+        s3_server.client().put_object(Bucket="texts", Key=f"data/{path.name}", Body=path.read_bytes())
+    assert "AWS_ENDPOINT_URL" not in os.environ  # only the config says where the server is
+    config = config_for(tiny_llama, tmp_path, dataset=f"{bucket}/data/{CALIB.name}", dataset_size=8,
+                        eval={"dataset": f"{bucket}/data/{EVAL.name}", "dataset_size": 4},
+                        storage={"endpoint_url": s3_server.endpoint_url})
+    ctx = recipe.Context(config, progress=False)
+    assert len(ctx.texts) == 8 and len(ctx.eval_texts) == 4
