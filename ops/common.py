@@ -80,6 +80,10 @@ class Step:
         except ReplaceMeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # the marker is written last: the step is not done
+            print(f"error: interrupted; the {self.name} step did not finish and wrote no {marker_name(self.name)}: "
+                  "run it again", file=sys.stderr)
+            return 130
         print(json.dumps({"step": self.name, "status": "already done" if outcome.skipped else "done",
                           "marker": outcome.marker_uri}))
         return 0

@@ -3,7 +3,8 @@
 The pruning commands take ``--config FILE`` and any number of ``--set key=value`` overrides
 (values parsed as YAML, dotted keys for nested settings). Errors a user can fix print one line,
 no traceback, and exit with status 2; a finished run whose MLflow record failed exits with 3; a
-storage failure (disk full, read-only, unreachable) exits with 4, also with one line.
+storage failure (disk full, read-only, unreachable) exits with 4, also with one line; an interrupt
+(Ctrl-C, a scheduler's SIGINT) prints one line and exits with 130.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,11 @@ COMMANDS = {
 }
 TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
 STORAGE_FAILED = 4  # exit status: reading or writing files failed (disk full, read-only, …)
+INTERRUPTED = 130  # exit status after SIGINT, as shells report it (128 + 2)
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt whose message says what state it left behind."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReplaceMeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"error: {str(exc) or _interrupted(args.command)}", file=sys.stderr)
+        return INTERRUPTED
     except OSError as exc:
         log.debug("storage failure", exc_info=True)
         print(f"error: {storage_failure(exc)}", file=sys.stderr)
@@ -124,6 +134,17 @@ def storage_failure(exc: OSError) -> str:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"cannot write{where}: {exc.strerror}; choose a writable output_dir"
     return f"storage failure{where}: {exc.strerror or exc}; nothing was published"
+
+
+def _interrupted(command: str) -> str:
+    """What an interrupt of ``command`` left behind, for the one line the user sees."""
+    if command == "run":  # the run is staged in <output>.incomplete and published only when complete
+        return "interrupted; nothing was published (a rerun resumes from the steps it completed)"
+    if command == "log":
+        return "interrupted; the run may not be recorded in MLflow: run `replaceme log` again"
+    if command in COMMANDS and command != "plan":
+        return f"interrupted; `replaceme {command}` did not finish: run it again"
+    return "interrupted"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -148,7 +169,14 @@ def _dispatch(args: argparse.Namespace) -> int:
                 tracker.cancel()
             raise
         print(summary(report, config.output_dir))
-        return _track(config, config.output_dir, tracker) if tracker else 0
+        if not tracker:
+            return 0
+        try:
+            return _track(config, config.output_dir, tracker)
+        except KeyboardInterrupt:
+            tracker.cancel()
+            raise Interrupted(f"interrupted; the outputs in {config.output_dir} are complete but may not be recorded "
+                              f"in MLflow: record them with `replaceme log {config.output_dir}`") from None
     _step(args.command, config, progress)
     return 0
 
@@ -212,6 +240,7 @@ def _log(args: argparse.Namespace) -> int:
             raise ReplaceMeError(f"OUTPUT_DIR: {args.output_dir} has no report.json; only a finished run can be "
                                  "logged (for s3:// outputs pass --config with the storage settings)")
         recorded = json.loads(out.read_text("report.json"))["config"]
+        _check_redacted_uris(recorded, args.overrides)
         config = load_config(None, [*_recorded_settings(recorded), *args.overrides, f"output_dir={args.output_dir}"])
     return _track(config, args.output_dir, Tracker(config))
 
@@ -220,7 +249,33 @@ def _recorded_settings(recorded: dict[str, Any]) -> list[str]:
     """The config recorded in report.json as ``--set`` items, without the redacted secrets."""
     recorded = {key: value for key, value in recorded.items() if value != "***"}
     recorded["storage"]["options"] = {k: v for k, v in recorded["storage"]["options"].items() if v != "***"}
+    for section, key in REDACTED_URIS:
+        if _is_redacted(recorded[section].get(key)):
+            del recorded[section][key]
     return [f"{key}={json.dumps(value)}" for key, value in recorded.items()]
+
+
+REDACTED_URIS = (("mlflow", "tracking_uri"), ("storage", "endpoint_url"))  # recorded as scheme://user:***@host
+
+
+def _is_redacted(uri: Any) -> bool:
+    from urllib.parse import urlsplit
+
+    return isinstance(uri, str) and urlsplit(uri).password == "***"
+
+
+def _check_redacted_uris(recorded: dict[str, Any], overrides: list[str]) -> None:
+    """A URI recorded without its password cannot be used again; the user must give it."""
+    from replaceme.tracking import credentials_hint
+
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for section, key in REDACTED_URIS:
+        uri = recorded.get(section, {}).get(key)
+        if _is_redacted(uri) and not given & {section, f"{section}.{key}"}:
+            hint = (credentials_hint(uri) if section == "mlflow" else
+                    "pass --config with the storage settings, or --set storage.endpoint_url=<the URI>")
+            raise ReplaceMeError(f"{section}.{key}: the run was made with a password in {section}.{key}, which "
+                                 f"report.json does not keep; {hint}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -229,7 +284,10 @@ def _compare(args: argparse.Namespace) -> int:
     from replaceme.tracking import tracking_uri
 
     uri = args.tracking_uri or tracking_uri(MlflowConfig())
-    table = compare_runs(uri, args.experiment, metrics=args.metrics, sort=args.sort, max_runs=args.max_runs)
+    field = ("--tracking-uri" if args.tracking_uri else
+             "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default tracking URI")
+    table = compare_runs(uri, args.experiment, metrics=args.metrics, sort=args.sort, max_runs=args.max_runs,
+                         field=field)
     print(format_table(table))
     if args.plot:
         Path(args.plot).write_bytes(plot_comparison(table, args.plot_metric))

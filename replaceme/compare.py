@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +25,13 @@ HIGHER_IS_BETTER = {"retention", "removed"}  # other columns sort lowest first (
 
 
 def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] = (), sort: str = "retention",
-                 max_runs: int = 100):
-    """A pandas DataFrame, one row per finished run of ``experiment``, best ``sort`` first."""
+                 max_runs: int = 100, field: str = "--tracking-uri"):
+    """A pandas DataFrame, one row per finished run of ``experiment``, best ``sort`` first.
+
+    ``field`` names where ``tracking_uri`` came from, for the message when it holds no store."""
     import pandas as pd
+
+    _require_store(tracking_uri, field)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -40,6 +45,16 @@ def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] =
     if sort not in table.columns:
         raise ReplaceMeError(f"--sort: {sort!r} is not a column; choose one of {', '.join(table.columns)}")
     return table.sort_values(sort, ascending=sort not in HIGHER_IS_BETTER, na_position="last", ignore_index=True)
+
+
+def _require_store(tracking_uri: str, field: str) -> None:
+    """A SQLite store that does not exist holds no runs; opening it would create an empty one."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    database = os.path.abspath(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not os.path.exists(database):
+        raise ReplaceMeError(f"{field}: no runs are recorded at {database} (there is no MLflow store there); point "
+                             "at the store your runs were recorded in with --tracking-uri URI or $MLFLOW_TRACKING_URI")
 
 
 def _row(run: Any, metrics: Sequence[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -255,6 +256,27 @@ def redact_uri(uri: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def without_credentials(uri: str) -> str:
+    """``scheme://host/…``: the URI with no user name or password, for a command the user may copy."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+# a password in any URI-looking text: "scheme://user:<password>@"
+_URI_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^@\s]*@")
+
+
+def _redact_input(value: Any) -> Any:
+    """An input echoed in a message, with passwords in URIs and values of secret-like keys hidden."""
+    if isinstance(value, str):
+        return _URI_PASSWORD.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {k: _redact(str(k), _redact_input(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redact_input(v) for v in value)
+    return value
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 
@@ -285,6 +307,9 @@ def read_yaml(uri: str | Path) -> dict[str, Any]:
     try:
         text = fs.cat_file(path).decode()
     except (FileNotFoundError, IsADirectoryError):
+        if fs.isdir(path):
+            raise ReplaceMeError(f"config file {uri} is a folder; pass --config with the path or URI of a YAML "
+                                 f"file{_yaml_files_in(fs, path)}") from None
         raise ReplaceMeError(f"config file {uri} does not exist; pass --config with the path or URI of a YAML file") from None
     try:
         data = yaml.safe_load(text) or {}
@@ -293,6 +318,11 @@ def read_yaml(uri: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReplaceMeError(f"config file {uri} must hold a mapping of keys to values, not {type(data).__name__}")
     return data
+
+
+def _yaml_files_in(fs: Any, folder: str) -> str:
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False) if p.endswith((".yaml", ".yml")))
+    return f" (that folder holds {', '.join(names[:5])}{', …' if len(names) > 5 else ''})" if names else ""
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -348,6 +378,7 @@ def _describe(exc: ValidationError) -> str:
             lines.append(f"'{key}' is required")
         else:
             message = error["msg"].removeprefix("Value error, ")
-            shown = "" if not loc or loc[0] == "token" else f" (got {error.get('input')!r})"
+            secret = not loc or loc[0] == "token" or (loc[:2] == ("storage", "options") and _redact(str(loc[-1]), 1) != 1)
+            shown = "" if secret else f" (got {_redact_input(error.get('input'))!r})"
             lines.append(f"'{key}': {message}{shown}")
     return "invalid config: " + "; ".join(lines)

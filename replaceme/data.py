@@ -133,11 +133,17 @@ def _detect_format(source: str, field: str) -> tuple[str, str | None]:
     return fmt, compression
 
 
+def _key(field: str, setting: str) -> str:
+    """The config key of a data setting: ``dataset_column`` for ``dataset``, ``eval.dataset_size`` for
+    ``eval.dataset``."""
+    return f"{field}_{setting}"
+
+
 def _missing_column(field: str, where: str, column: str, available: Iterable[str]) -> ReplaceMeError:
     """``where`` is the already-quoted location, e.g. ``'a.jsonl' line 3``."""
     cols = ", ".join(repr(c) for c in available) or "none"
     return ReplaceMeError(
-        f"{field}: {where} has no column {column!r} (available: {cols}); set the column option."
+        f"{field}: {where} has no column {column!r} (available: {cols}); set {_key(field, 'column')} to one of them."
     )
 
 
@@ -242,9 +248,10 @@ def _finish(
     """Render raw values to text and keep the first ``size`` non-empty ones (``column`` None: .txt)."""
     in_column = f" in column {column!r}" if column else ""
     where = f"{field}: {source!r} column {column!r}"
+    column_key = _key(field, "column")
     texts: list[str] = []
     for value in values:
-        text = _to_text(value, tokenizer, where)
+        text = _to_text(value, tokenizer, where, column_key)
         if text.strip():
             texts.append(text)
             if size is not None and len(texts) >= size:
@@ -253,23 +260,26 @@ def _finish(
         raise ReplaceMeError(
             f"{field}: {source!r} contains no text{in_column}; give data with non-empty texts."
         )
+    if size is not None and len(texts) < size:
+        logger.warning("%s: %d requested but %r has %d non-empty texts; using %d",
+                       _key(field, "size"), size, source, len(texts), len(texts))
     return texts
 
 
-def _to_text(value: Any, tokenizer: Any, where: str) -> str:
+def _to_text(value: Any, tokenizer: Any, where: str, column_key: str) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _render_chat(value, tokenizer, where) if value else ""
+        return _render_chat(value, tokenizer, where, column_key) if value else ""
     raise ReplaceMeError(
         f"{where} holds {type(value).__name__} values, not text or conversation turns; "
-        "set the column option to a text column."
+        f"set {column_key} to a text column."
     )
 
 
-def _render_chat(turns: list[Any], tokenizer: Any, where: str) -> str:
+def _render_chat(turns: list[Any], tokenizer: Any, where: str, column_key: str) -> str:
     """Render ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) turns via the chat template."""
     messages = []
     for turn in turns:
@@ -278,7 +288,7 @@ def _render_chat(turns: list[Any], tokenizer: Any, where: str) -> str:
         if role is None or content is None:
             raise ReplaceMeError(
                 f"{where} holds a list that is not conversation turns ({{'from', 'value'}} or "
-                "{'role', 'content'}); set the column option to a text column."
+                f"{{'role', 'content'}}); set {column_key} to a text column."
             )
         messages.append({"role": _ROLES.get(str(role).lower(), str(role)), "content": content})
     if getattr(tokenizer, "chat_template", None) is None:
@@ -315,12 +325,16 @@ def ensure_pad_token(tokenizer: Any) -> None:
 
 
 def make_batches(
-    texts: list[str], tokenizer: Any, *, batch_size: int, max_length: int, field: str = "dataset"
+    texts: list[str], tokenizer: Any, *, batch_size: int, max_length: int, field: str = "dataset",
+    context: int | None = None, length_key: str = "max_length",
 ) -> list[Batch]:
     """Tokenize ``texts`` (truncated to ``max_length``) into right-padded batches, in order.
 
     Texts of fewer than 2 tokens are dropped: they give no next-token context. Each batch is
-    padded to its longest row, not to ``max_length``.
+    padded to its longest row, not to ``max_length``. ``context`` is the model's
+    ``max_position_embeddings``: a ``max_length`` (config key ``length_key``) beyond it is capped
+    to it, with a warning when a text is actually cut, because positions the model was never
+    trained on give meaningless activations and statistics.
     """
     if batch_size < 1:
         raise ReplaceMeError(f"batch_size must be >= 1, got {batch_size}.")
@@ -330,6 +344,14 @@ def make_batches(
     tokenizer.padding_side = "right"
 
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    if context is not None and max_length > context:
+        longer = sum(len(row) > context for row in encoded)
+        if longer:
+            logger.warning(
+                "%s: %d is longer than the model's context (max_position_embeddings %d): %d of %d texts of %s "
+                "have more than %d tokens and are cut to %d tokens (positions past the context give meaningless "
+                "statistics)", length_key, max_length, context, longer, len(encoded), field, context, context)
+            encoded = [row[:context] for row in encoded]
     ids = [row for row in encoded if len(row) >= 2]
     if not ids:
         raise ReplaceMeError(

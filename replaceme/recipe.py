@@ -76,12 +76,14 @@ class Context:
             check_selection(self.num_layers, config.layers_to_skip, config.num_A, config.min_distance_layer,
                             config.merge_consecutive)
         self.texts = load_texts(config.dataset, column=config.dataset_column, split=config.dataset_subset,
-                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset")
+                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset",
+                                storage_options=config.storage_options(config.dataset))
         self.eval_texts = None
         if config.eval is not None:
             e = config.eval
             self.eval_texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset,
-                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset")
+                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset",
+                                         storage_options=config.storage_options(e.dataset))
             if e.lm_eval_tasks:
                 _require_lm_eval()
         self.device = resolve_device(config.device)
@@ -133,13 +135,16 @@ class Context:
     @cached_property
     def batches(self) -> list[Batch]:
         c = self.config
-        return make_batches(self.texts, self.tokenizer, batch_size=c.batch_size, max_length=c.max_length, field="dataset")
+        return make_batches(self.texts, self.tokenizer, batch_size=c.batch_size, max_length=c.max_length, field="dataset",
+                            context=self.checkpoint.config.get("max_position_embeddings"))
 
     @cached_property
     def eval_batches(self) -> list[Batch]:
         e, c = self.config.eval, self.config
         return make_batches(self.eval_texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
-                            max_length=e.max_length or c.max_length, field="eval.dataset")
+                            max_length=e.max_length or c.max_length, field="eval.dataset",
+                            context=self.checkpoint.config.get("max_position_embeddings"),
+                            length_key="eval.max_length" if e.max_length else "max_length")
 
     @cached_property
     def engine(self):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from replaceme.blocks import distances_from_csv
-from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri
+from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri, without_credentials
 from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
 
@@ -122,10 +123,19 @@ class Tracker:
 
 def tracking_failed(uri: str, output_uri: str, reason: str) -> TrackingError:
     password = urlsplit(uri).password
-    if password:  # MLflow's own messages may quote the URI
+    relog = f"re-log them with `replaceme log {output_uri}`"
+    if password:  # MLflow's own messages may quote the URI; report.json keeps no password to re-log with
         reason = reason.replace(password, "***")
+        relog = (f"re-log them with `replaceme log {output_uri} --set mlflow.tracking_uri={without_credentials(uri)}` "
+                 "with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD set")
     return TrackingError(f"mlflow.tracking_uri: tracking failed, the run was not recorded in {redact_uri(uri)} ({reason}); "
-                         f"the outputs in {output_uri} are complete: re-log them with `replaceme log {output_uri}`")
+                         f"the outputs in {output_uri} are complete: {relog}")
+
+
+def credentials_hint(uri: str) -> str:
+    """How to give a tracking URI whose password was redacted, without printing one."""
+    return (f"pass `--set mlflow.tracking_uri={without_credentials(uri)}` with MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD set (or --set mlflow.tracking_uri=<the URI with its password>)")
 
 
 def _check_reachable(uri: str) -> None:
@@ -354,12 +364,17 @@ class TrackerProcess:
     at low CPU priority does it on the cores the run leaves idle; a thread would not, because it
     would contend for the interpreter lock with the run's own Python. The config travels over a
     pipe (it may hold credentials), never on the command line.
+
+    The child ignores SIGINT: Ctrl-C reaches the whole process group, and the run (this process)
+    decides what an interrupt means, then cancels the child; a child of its own would print a
+    traceback from wherever it was importing MLflow.
     """
 
     def __init__(self, config: ReplaceMeConfig) -> None:
         self.uri = tracking_uri(config.mlflow)
-        self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        with _sigint_ignored():  # inherited through exec: Python leaves an ignored SIGINT ignored
+            self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
         self.process.stdin.write(json.dumps(_revealed(config)) + "\n")
         self.process.stdin.flush()
 
@@ -380,6 +395,20 @@ class TrackerProcess:
         self.process.communicate()
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored for the moment it takes to start a child (only the main thread may do so)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: the child gets the default disposition
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json")
     data["token"] = None  # not needed to record a run
@@ -389,6 +418,7 @@ def _revealed(config: ReplaceMeConfig) -> dict[str, Any]:
 def _serve() -> None:
     """The child of :class:`TrackerProcess`: open MLflow now, record the output named on stdin."""
     os.nice(19)  # the run comes first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides, and cancels this process
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from replaceme.config import validate_config
 
