@@ -22,6 +22,7 @@ from replaceme import recipe
 from replaceme.config import ReplaceMeConfig, load_config
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
+from replaceme.markers import marker_name
 from replaceme.outputs import OutputDir, claim_in_place
 
 log = logging.getLogger("replaceme.ops")

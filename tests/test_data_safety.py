@@ -17,7 +17,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from conftest import BUNDLED_MODEL, CALIB, EVAL, ROOT, write_config
