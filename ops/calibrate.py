@@ -4,12 +4,11 @@ block's statistics (calibration/) and map (transforms.safetensors). The heavy st
 
 from __future__ import annotations
 
-import sys
-
 from ops.common import Step
+from replaceme.cli import exit_process
 
 STEP = Step("calibrate", help=__doc__.split("\n\n")[0])
 calibrate = STEP.run
 
 if __name__ == "__main__":
-    sys.exit(STEP.main())
+    exit_process(STEP.main())

@@ -4,12 +4,11 @@ and peak memory taken from the step markers)."""
 
 from __future__ import annotations
 
-import sys
-
 from ops.common import Step
+from replaceme.cli import exit_process
 
 STEP = Step("evaluate", help=__doc__.split("\n\n")[0])
 evaluate = STEP.run
 
 if __name__ == "__main__":
-    sys.exit(STEP.main())
+    exit_process(STEP.main())

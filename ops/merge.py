@@ -4,12 +4,11 @@ streamed tensor by tensor; split across Ray tasks with ``engine.backend: ray`` a
 
 from __future__ import annotations
 
-import sys
-
 from ops.common import Step
+from replaceme.cli import exit_process
 
 STEP = Step("merge", help=__doc__.split("\n\n")[0])
 merge = STEP.run
 
 if __name__ == "__main__":
-    sys.exit(STEP.main())
+    exit_process(STEP.main())

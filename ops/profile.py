@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import sys
-
 from ops.common import Step
+from replaceme.cli import exit_process
 
 STEP = Step("profile", help=__doc__.split("\n\n")[0])
 profile = STEP.run
 
 if __name__ == "__main__":
-    sys.exit(STEP.main())
+    exit_process(STEP.main())

@@ -1,3 +1,3 @@
-from replaceme.cli import main
+from replaceme.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -14,9 +14,10 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from replaceme import __version__
 from replaceme.errors import ReplaceMeError
@@ -123,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("storage failure", exc_info=True)
         print(f"error: {storage_failure(exc)}", file=sys.stderr)
         return STORAGE_FAILED
+
+
+def entry() -> NoReturn:
+    """The ``replaceme`` command: :func:`main`, then exit with its status."""
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with ``code``. After an interrupt the process ends here and now, with 130: CPython
+    marks an interrupt that surfaced inside code an extension ran through ``PyRun_*`` as unhandled
+    (even once we caught it) and would kill itself with SIGINT at exit, hiding the status."""
+    if code != INTERRUPTED:
+        raise SystemExit(code)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the exit short
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def storage_failure(exc: OSError) -> str:
