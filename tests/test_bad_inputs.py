@@ -162,7 +162,7 @@ def test_ctrl_c_in_a_pipeline_step_is_one_line(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    step = Step("calibrate", lambda job: {}, help="")
+    step = Step("calibrate", help="")
     monkeypatch.setattr(Step, "run", interrupted)
     try:
         code = step.main(["--set", "model_path=m", "--set", "dataset=d"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import write_config
@@ -18,7 +20,8 @@ def test_reference_keys_are_accepted(tmp_path):
                      distances_path="d.csv", save_path="out", save_transform_only=True, use_4bit=False,
                      token="hf_secret")
     config = load_config(write_config(tmp_path / "c.yaml", **reference))
-    assert config.output_dir == "out" and config.num_A == 2 and config.solver == "lbfgs"
+    assert config.output_dir == os.path.abspath("out")  # save_path, made absolute where it is read
+    assert config.num_A == 2 and config.solver == "lbfgs"
     assert config.public_dict()["token"] == "***"
     assert "hf_secret" not in repr(config)
 
