@@ -94,10 +94,8 @@ def test_cosine_resolves_from_the_rows_in_the_store(tmp_path, tiny_llama, monkey
     assert torch.equal(transform(tmp_path / "out"), first)
 
 
-def test_rerun_resumes_from_committed_shards(tmp_path, tiny_llama, monkeypatch):
-    values = settings(tiny_llama, tmp_path / "first", activations={"uri": f"file://{tmp_path / 'store'}"},
-                      run_id="resume")
-    run(values)
+def batches_run(monkeypatch) -> list[list[int]]:
+    """The batch ids each decoder layer runs on from now on."""
     ran: list[list[int]] = []
     original = LocalEngine.run_layer
 
@@ -106,6 +104,14 @@ def test_rerun_resumes_from_committed_shards(tmp_path, tiny_llama, monkeypatch):
         return original(self, index, stream, **kwargs)
 
     monkeypatch.setattr(LocalEngine, "run_layer", counting)
+    return ran
+
+
+def test_rerun_resumes_from_committed_shards(tmp_path, tiny_llama, monkeypatch):
+    values = settings(tiny_llama, tmp_path / "first", activations={"uri": f"file://{tmp_path / 'store'}"},
+                      run_id="resume")
+    run(values)
+    ran = batches_run(monkeypatch)
     (tmp_path / "store" / "resume" / "blocks" / BLOCK / "shards" / "00001.json").unlink()  # as if shard 1 died
     run({**values, "output_dir": str(tmp_path / "second")})
     assert ran and all(ids == [2, 3] for ids in ran)  # only shard 1's batches went through the layers
@@ -148,14 +154,7 @@ def test_two_blocks_fitted_in_turn_match_the_in_memory_run_and_resume(tmp_path, 
     first = load_file(tmp_path / "stored" / "transforms.safetensors")
     memory = load_file(tmp_path / "memory" / "transforms.safetensors")
     assert set(first) == {"1-2", "3-5"} and all(torch.equal(first[k], memory[k]) for k in first)
-    ran: list[list[int]] = []
-    original = LocalEngine.run_layer
-
-    def counting(self, index, stream, **kwargs):
-        ran.append(list(self.batch_ids))
-        return original(self, index, stream, **kwargs)
-
-    monkeypatch.setattr(LocalEngine, "run_layer", counting)
+    ran = batches_run(monkeypatch)
     (tmp_path / "store" / "two" / "blocks" / "3-5" / "shards" / "00000.json").unlink()  # committed for 1-2 only
     run({**values, "output_dir": str(tmp_path / "resumed")})
     assert ran and all(ids == [0, 1] for ids in ran)
