@@ -129,8 +129,10 @@ class Checkpoint:
             return handle.read()
 
     def files(self) -> list[str]:
-        """Names of the files directly in the checkpoint folder."""
-        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+        """Names of the files directly in the checkpoint folder (not its sub-folders, such as the
+        ``.cache/`` of ``hf download`` or Llama 3's ``original/``)."""
+        return sorted(info["name"].rstrip("/").rsplit("/", 1)[-1] for info in self.fs.ls(self.root, detail=True)
+                      if info.get("type") != "directory")
 
     def non_weight_files(self) -> list[str]:
         """Config, tokenizer and other small files (everything but weights and their index)."""

@@ -183,6 +183,18 @@ def test_a_run_that_dies_in_the_merge_resumes_without_recalibrating(tmp_path, ti
         recipe.run(validate_config(settings(tiny_llama, tmp_path / "other", max_length=24)), progress=False)
 
 
+def test_a_source_with_sub_folders_is_merged_without_them(tmp_path, tiny_llama):
+    source = tmp_path / "downloaded"
+    shutil.copytree(tiny_llama, source)
+    (source / ".cache" / "huggingface").mkdir(parents=True)  # left by `hf download --local-dir`
+    (source / "original").mkdir()  # Llama 3 repositories ship the original weights here
+    (source / "original" / "params.json").write_text("{}")
+    before = snapshot(source)
+    report = recipe.run(validate_config(settings(source, tmp_path / "out")), progress=False)
+    assert report["perplexity_after"] > 0 and snapshot(source) == before
+    assert not (tmp_path / "out" / "model" / "original").exists()
+
+
 # --- 3. S3: publish never deletes first; each byte copied once -------------------------------------
 
 
