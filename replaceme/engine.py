@@ -41,6 +41,7 @@ from replaceme.stats import AngleSums, BlockStats
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 KWARGS_CACHE_BYTES = 512 * 2**20
+LOGITS_BYTES = 64 * 2**20  # float32 logits held at once by the perplexity pass
 BATCHES_PER_SHARD = EngineConfig.model_fields["batches_per_shard"].default
 
 
@@ -258,17 +259,26 @@ class LocalEngine:
         total_nll, total_tokens = 0.0, 0
         with torch.no_grad():
             for batch, hidden in zip(self.batches, stream):
-                logits = self.model.logits(hidden[:, :-1], norm, lm_head)
-                labels = batch.input_ids[:, 1:].to(logits.device)
-                valid = batch.attention_mask[:, 1:].to(logits.device).bool()
-                nll = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
-                total_nll += float(nll)
-                total_tokens += int(valid.sum())
+                valid = batch.attention_mask[:, 1:].to(hidden.device).bool()
+                rows, labels = hidden[:, :-1][valid], batch.input_ids[:, 1:].to(hidden.device)[valid]
+                total_nll += self._nll(rows, labels, norm, lm_head)
+                total_tokens += rows.shape[0]
         if total_tokens == 0:
             raise ReplaceMeError("eval.dataset: no tokens to predict; the evaluation texts are too short")
         return math.exp(total_nll / total_tokens), total_tokens
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _nll(self, rows: torch.Tensor, labels: torch.Tensor, norm: torch.nn.Module, lm_head: torch.nn.Module) -> float:
+        """Summed next-token loss of token rows, their logits computed a slice of rows at a time: a
+        batch's [tokens × vocab] float32 logits (4 GB for 8 × 1024 tokens of a 128 k vocabulary)
+        never exist at once."""
+        step = max(1, LOGITS_BYTES // (4 * lm_head.weight.shape[0]))
+        total = 0.0
+        for begin in range(0, rows.shape[0], step):
+            logits = self.model.logits(rows[begin:begin + step], norm, lm_head)
+            total += float(torch.nn.functional.cross_entropy(logits, labels[begin:begin + step], reduction="sum"))
+        return total
 
     def _capture(self, block: Block, runner: LocalEngine | None, h_before: list[torch.Tensor], x: list[torch.Tensor],
                  h_after: list[torch.Tensor], keep_activations: bool, committed: set[int]) -> BlockCapture:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,3 +44,29 @@ def test_hidden_states_match_hf_forward(family, tmp_path, tokenizer_dir):
                 torch.testing.assert_close(ours[k][b][real], out.hidden_states[k + 1][real], rtol=1e-4, atol=1e-5)
             logits = engine.model.logits(ours[-1][b], norm, lm_head)
             torch.testing.assert_close(logits[real], out.logits[real].float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: soft-capped logits
+def test_perplexity_in_logit_slices_matches_hf_loss(family, tmp_path, tokenizer_dir, monkeypatch):
+    from replaceme import engine as engine_module
+
+    folder = build_tiny_model(tmp_path / family, tokenizer_dir, FAMILY_CONFIGS[family]["model_type"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batches = make_batches([text[: 40 + 20 * i] for i, text in enumerate(texts(limit=6))], tokenizer,
+                           batch_size=3, max_length=40)
+    vocab = AutoModelForCausalLM.from_pretrained(folder).config.vocab_size
+    monkeypatch.setattr(engine_module, "LOGITS_BYTES", 4 * vocab * 7)  # 7 token rows of logits at a time
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        with torch.no_grad():
+            logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        valid = batch.attention_mask[:, 1:].bool()
+        total += float(torch.nn.functional.cross_entropy(logits[:, :-1][valid], batch.input_ids[:, 1:][valid],
+                                                         reduction="sum"))
+        tokens += int(valid.sum())
+    with Checkpoint(str(folder)) as checkpoint:
+        ours, counted = LocalEngine(LayerwiseModel(checkpoint, device=torch.device("cpu"), dtype=torch.float32),
+                                    batches, progress=False).perplexity()
+    assert counted == tokens > 7 * len(batches)  # several slices per batch
+    assert ours == pytest.approx(math.exp(total / tokens), rel=1e-5)
