@@ -27,6 +27,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -75,6 +76,22 @@ class BlockCapture:
 
 # Given a block's captured statistics/activations, return its map T ([hidden, hidden]).
 Estimator = Callable[[BlockCapture], torch.Tensor]
+
+
+class CalibrationEngine(Protocol):
+    """The passes over the calibration set that profile and calibrate need, implemented in this
+    process (:class:`LocalEngine`) and on a Ray cluster (:class:`replaceme.distributed.engine.RayEngine`);
+    both give the same distances and maps to float64 round-off."""
+
+    def distances(self, block_size: int) -> list[tuple[int, int, float]]:
+        """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later."""
+
+    def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
+                  keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
+        """Each block's statistics (and rows) and the map ``estimator`` solves from them."""
+
+    def close(self) -> None:
+        """Release what the engine holds between passes (the Ray stages)."""
 
 
 class LocalEngine:

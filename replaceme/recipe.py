@@ -36,7 +36,7 @@ from replaceme.blocks import check_blocks, check_selection, distances_to_csv, re
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.data import Batch, load_texts, make_batches
-from replaceme.engine import Activations, BlockCapture, LocalEngine
+from replaceme.engine import Activations, BlockCapture, CalibrationEngine, LocalEngine
 from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
 from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
@@ -147,7 +147,7 @@ class Context:
                             length_key="eval.max_length" if e.max_length else "max_length")
 
     @cached_property
-    def engine(self):
+    def engine(self) -> CalibrationEngine:
         """The engine of the passes over the calibration set, shared by profile and calibrate (a Ray
         run loads its stages once)."""
         return calibration_engine(self)
@@ -245,7 +245,7 @@ def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[st
     return details
 
 
-def calibration_engine(ctx: Context):
+def calibration_engine(ctx: Context) -> CalibrationEngine:
     """The engine of the passes over the calibration set (``distances`` for profile, ``calibrate``):
     in this process, or stage actors on a Ray cluster (``engine.backend: ray``)."""
     c = ctx.config
