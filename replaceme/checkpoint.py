@@ -62,6 +62,7 @@ def join(base: str, name: str) -> str:
 
 
 def read_safetensors_header(handle: IO[bytes], shard: str) -> list[TensorEntry]:
+    handle.seek(0)  # handles are cached and shared with tensor reads
     (length,) = struct.unpack("<Q", handle.read(8))
     header = json.loads(handle.read(length))
     header.pop("__metadata__", None)

@@ -112,3 +112,19 @@ def test_missing_s3_driver_gives_the_install_hint(tmp_path):
                            env={"PYTHONPATH": f"{blocker.parent}:{root}"})
     assert_one_line_error(result, USER_ERROR, "model_path: s3://models/tiny-llama", "pip install 'replaceme[s3]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_single_file_checkpoint_runs(tmp_path, tokenizer_dir):
+    """model.safetensors without an index: its header is read for the weight map and again for the
+    tensors' offsets, through one cached handle."""
+    from conftest import build_tiny_model
+    from replaceme import recipe
+    from replaceme.config import validate_config
+
+    model = build_tiny_model(tmp_path / "single", tokenizer_dir, shard_size="1GB")
+    assert (model / "model.safetensors").exists() and not (model / "model.safetensors.index.json").exists()
+    report = recipe.run(validate_config(dict(model_path=str(model), dataset=str(CALIB), eval=str(CALIB),
+                                             output_dir=str(tmp_path / "out"), dataset_size=8, max_length=32,
+                                             blocks=[[2, 4]], mlflow={"enabled": False})), progress=False)
+    assert report["perplexity_after"] > 0
+    assert load_file(tmp_path / "out" / "model" / "model-00001-of-00001.safetensors")
