@@ -264,10 +264,13 @@ class LocalEngine:
         runner.batch_ids, runner.shard_of = kept, [self.shard_of[i] for i in kept]
         return runner
 
-    def perplexity(self, skip: set[int] = frozenset()) -> tuple[float, int]:
-        """Perplexity of next-token prediction over non-padding tokens, and the token count."""
-        stream = self.embed()
-        kept = [i for i in range(self.model.num_layers) if i not in skip]
+    def perplexity(self, skip: set[int] = frozenset(), *, start: int = 0,
+                   stream: list[torch.Tensor] | None = None) -> tuple[float, int]:
+        """Perplexity of next-token prediction over non-padding tokens, and the token count.
+        ``stream``: the hidden states after layers ``0 … start-1``, when they are known already
+        (another checkpoint whose first ``start`` layers are these, byte for byte)."""
+        stream = self.embed() if stream is None else stream
+        kept = [i for i in range(start, self.model.num_layers) if i not in skip]
         with self._bar(len(kept), "evaluate") as bar:
             for index in kept:
                 stream, _ = self.run_layer(index, stream)

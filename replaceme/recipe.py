@@ -330,10 +330,15 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
     """Held-out perplexity of the source and of the pruned model in ``model/``."""
     if ctx.eval_texts is None:
         return {}
+    # The layers before the first fold target are the source's, byte for byte: run them once for both.
+    shared = min(s for s, _ in saved_blocks(out)) - 1
     with ctx.timed("evaluate"):
-        before, tokens = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress).perplexity()
+        source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress)
+        prefix = source.run_layers(range(shared), source.embed())
+        before, tokens = source.perplexity(start=shared, stream=prefix)
         with Checkpoint(f"{out.uri}/model", field="output_dir", storage_options=ctx.output_options) as pruned:
-            after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress).perplexity()
+            after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches,
+                                   progress=ctx.progress).perplexity(start=shared, stream=prefix)
     metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
     if ctx.config.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)

@@ -70,3 +70,25 @@ def test_perplexity_in_logit_slices_matches_hf_loss(family, tmp_path, tokenizer_
                                     batches, progress=False).perplexity()
     assert counted == tokens > 7 * len(batches)  # several slices per batch
     assert ours == pytest.approx(math.exp(total / tokens), rel=1e-5)
+
+
+def test_evaluation_runs_the_unchanged_first_layers_once_and_reports_the_same_perplexities(tmp_path, tiny_llama,
+                                                                                         monkeypatch):
+    from conftest import CALIB, EVAL
+    from replaceme import recipe
+    from replaceme.config import validate_config
+
+    config = validate_config(dict(model_path=str(tiny_llama), dataset=str(CALIB), eval=str(EVAL), dataset_size=8,
+                                  max_length=32, blocks=[[3, 5]], output_dir=str(tmp_path / "out"),
+                                  mlflow={"enabled": False}))
+    report = recipe.run(config, progress=False)
+    ctx = recipe.Context(config, progress=False)
+    for model, key in ((tiny_llama, "perplexity_before"), (tmp_path / "out" / "model", "perplexity_after")):
+        with Checkpoint(str(model)) as checkpoint:
+            full, tokens = LocalEngine(ctx.layerwise(checkpoint), ctx.eval_batches, progress=False).perplexity()
+        assert report[key] == full and report["eval_tokens"] == tokens  # bit for bit
+    ran, run_layer = [], LocalEngine.run_layer
+    monkeypatch.setattr(LocalEngine, "run_layer", lambda self, index, *a, **k: ran.append(index) or
+                        run_layer(self, index, *a, **k))
+    recipe.evaluate(ctx, recipe.OutputDir(str(tmp_path / "out")))
+    assert ran == [0, 1, 2, 3, 4, 5, 2, 3]  # the source's 6 layers, then the pruned model's from layer 2 on
