@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from _record import machine, record, table
+from _setup import random_llama
 
 from replaceme import engine as engine_module
 from replaceme import peak_memory, recipe
@@ -31,18 +32,6 @@ from replaceme.engine import LocalEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = (10, 14)
-
-
-def build_model(folder: Path, vocab: int) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=16,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="64MB")
-    AutoTokenizer.from_pretrained(ROOT / "examples" / "shakespeare-llama-16l").save_pretrained(folder)
-    return folder
 
 
 def old_evaluate(ctx: recipe.Context, out: recipe.OutputDir) -> float:
@@ -80,7 +69,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=65536)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = build_model(Path(tempfile.mkdtemp()) / "model", args.vocab)
+    model = random_llama(Path(tempfile.mkdtemp()) / "model", hidden=256, layers=16, vocab=args.vocab, kv_heads=2,
+                         shard_size="64MB")
     eval_data = str(ROOT / "examples" / "data" / "eval.jsonl")
     config = validate_config(dict(model_path=str(model), dataset=eval_data, eval={"dataset": eval_data,
                                   "dataset_size": args.texts}, dataset_size=8, batch_size=8, max_length=256,

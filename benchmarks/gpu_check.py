@@ -19,8 +19,6 @@ model (bfloat16 forced on the CPU), to test this script where no GPU is lent.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import torch
 from _record import machine, record, table
+from _setup import random_llama, start_ray
 
 from replaceme import recipe
 from replaceme.config import validate_config
@@ -86,27 +85,6 @@ def agreement(reference_map: torch.Tensor, reference_stats, other_map: torch.Ten
     return difference, change, abs(change) <= RESIDUAL_TOLERANCE
 
 
-def build_random_llama(folder: Path, hidden: int) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=8,
-                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="512MB")
-    AutoTokenizer.from_pretrained(BUNDLED).save_pretrained(folder)
-    return folder
-
-
-def start_ray(gpus: int):
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    return ray
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -144,7 +122,8 @@ def main() -> int:
     verdicts.append(f"bundled model bf16 map within tolerance: {'yes' if ok else 'NO'}")
 
     # 2. a wider random model: throughput against the HF forward
-    model = build_random_llama(Path(tempfile.mkdtemp()) / "random-llama", hidden)
+    model = random_llama(Path(tempfile.mkdtemp()) / "random-llama", hidden=hidden, layers=8, vocab=4096,
+                         kv_heads=max(1, hidden // 256), shard_size="512MB")
     local = config(model, args.device, "bfloat16", texts)
     in_process, _, seconds, tokens = calibrate(local, RANDOM_BLOCK)
     ours_peak = _peak_gb(args.device)
@@ -157,7 +136,7 @@ def main() -> int:
                     f"over all 8 layers")
 
     # 3. the same model on Ray stages sharing the device
-    start_ray(1 if gpu else 0)
+    start_ray(2, gpus=1 if gpu else 0)
     on_ray = config(model, args.device, "bfloat16", texts, backend="ray", stages=2, cpus_per_stage=1, **ray_gpus)
     ray_map, _, seconds, _ = calibrate(on_ray, RANDOM_BLOCK)
     _, ray_stats, _, _ = calibrate(config(model, "cpu", "float32", texts), RANDOM_BLOCK)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 from _record import machine, record, table
+from _setup import start_ray
 
 BLOCK = (4, 8)
 
@@ -82,15 +82,6 @@ def same_files(a: Path, b: Path) -> bool:
     return names == sorted(p.name for p in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
-def start_ray(cpus: int):
-    """A local Ray for this benchmark, with a token of its own in the environment (Ray would
-    otherwise write one to ~/.ray/auth_token, where every later `ray start` on the machine finds it)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    return ray
 
 
 def per_worker(reports: list) -> list[list]:

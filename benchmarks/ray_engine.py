@@ -16,8 +16,6 @@ a fixed cost that a long calibration amortises); it is reported separately.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import statistics
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import torch
 from _record import machine, record, table
+from _setup import random_llama, start_ray
 
 from replaceme import recipe
 from replaceme.config import EngineConfig, validate_config
@@ -32,28 +31,6 @@ from replaceme.engine import LocalEngine
 
 BLOCK = (4, 8)  # needs layers 0..7
 CALIB = "examples/data/calib.jsonl"
-TOKENIZER = Path("examples/shakespeare-llama-16l")
-
-
-def build_model(folder: Path, hidden: int) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=12,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="16MB")
-    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
-    return folder
-
-
-def start_ray(cpus: int):
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when Ray is imported
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    import ray
-
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    return ray
 
 
 def in_process(ctx: recipe.Context) -> float:
@@ -89,7 +66,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = build_model(Path(tempfile.mkdtemp()) / "model", args.hidden)
+    model = random_llama(Path(tempfile.mkdtemp()) / "model", hidden=args.hidden, layers=12, vocab=2048,
+                         kv_heads=args.hidden // 128, shard_size="16MB")
     config = validate_config(dict(model_path=str(model), dataset=CALIB, dataset_size=args.rows, batch_size=8,
                                   max_length=128, output_dir=tempfile.mkdtemp()))
     ctx = recipe.Context(config, progress=False)
