@@ -23,7 +23,7 @@ from replaceme.config import ReplaceMeConfig, load_config
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
 from replaceme.markers import marker_name
-from replaceme.outputs import OutputDir, claim_in_place
+from replaceme.outputs import OutputDir
 
 log = logging.getLogger("replaceme.ops")
 
@@ -65,12 +65,7 @@ class Step:
         if pipeline_run_id:  # read by the report's lineage and by MLflow tracking
             os.environ[PIPELINE_RUN_ENV] = pipeline_run_id
         settings = load_step_config(config, overrides, output)
-        with claim_in_place(settings.output_dir, storage_options=settings.storage_options(settings.output_dir)) as out:
-            runner = recipe.StepRunner(settings, out, progress=progress, command=ops_command, force=force)
-            try:
-                return runner.run(self.name)
-            finally:
-                runner.close()  # a Ray profile's stages hold CPUs and GPUs until then
+        return recipe.run_step(settings, self.name, progress=progress, command=ops_command, force=force)
 
     def main(self, argv: list[str] | None = None) -> int:
         args = _parser(self).parse_args(argv)

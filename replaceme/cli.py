@@ -204,14 +204,8 @@ def _step(command: str, config: Any, progress: bool) -> None:
     """One step on the output folder, with the same completion markers as `run` and the ops steps:
     done steps are skipped, stale inputs refused, a model pass replaced only with --overwrite."""
     from replaceme import recipe
-    from replaceme.outputs import claim_in_place
 
-    with claim_in_place(config.output_dir, storage_options=config.storage_options(config.output_dir)) as out:
-        runner = recipe.StepRunner(config, out, progress=progress, force=config.overwrite, protect=True)
-        try:
-            outcome = runner.run(command)
-        finally:
-            runner.close()
+    outcome = recipe.run_step(config, command, progress=progress, force=config.overwrite, protect=True)
     if outcome.skipped:
         print(f"{command}: already done with these settings ({outcome.marker_uri}); pass --overwrite to redo it")
     elif command == "profile":
@@ -219,7 +213,7 @@ def _step(command: str, config: Any, progress: bool) -> None:
     elif command in ("calibrate", "solve"):
         _print_solver(outcome.marker["solver"])
     elif command == "merge":
-        print(f"pruned model written to {out.uri}/model")
+        print(f"pruned model written to {outcome.marker['artefacts']['model']}")
     elif command == "evaluate":
         print(json.dumps(outcome.marker["metrics"], indent=2))
 

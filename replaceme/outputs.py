@@ -144,10 +144,9 @@ class OutputDir:
 @contextmanager
 def locked(uri: str, *, storage_options: dict[str, Any] | None = None) -> Iterator[None]:
     """Hold ``<uri>.lock`` (one run at a time per output), after checking the output can be written."""
-    fs, root = filesystem(uri.rstrip("/"), field="output_dir", options=storage_options)
-    root = root.rstrip("/")
-    check_writable(fs, uri, root)
-    with OutputLock(fs, root + LOCK_SUFFIX, uri.rstrip("/")):
+    out = OutputDir(uri, storage_options)
+    check_writable(out.fs, out.uri, out.root)
+    with OutputLock(out.fs, out.root + LOCK_SUFFIX, out.uri):
         yield
 
 
@@ -157,17 +156,15 @@ def staged_output(uri: str, *, overwrite: bool, inputs: dict[str, str] | None = 
     """The staging folder of a whole run at ``uri`` (hold :func:`locked` first), published when the
     block succeeds. ``inputs`` (field → path) are the run's own inputs: an output that holds one is
     refused. A staging folder left by an earlier attempt is kept: the run resumes from its steps."""
-    uri = uri.rstrip("/")
-    fs, root = filesystem(uri, field="output_dir", options=storage_options)
-    root = root.rstrip("/")
-    check_replaceable(fs, uri, root, overwrite=overwrite, inputs=inputs or {})
-    staging = OutputDir(uri + STAGING_SUFFIX, storage_options, staging=True)
+    final = OutputDir(uri, storage_options)
+    check_replaceable(final.fs, final.uri, final.root, overwrite=overwrite, inputs=inputs or {})
+    staging = OutputDir(final.uri + STAGING_SUFFIX, storage_options, staging=True)
     if staging.exists() and not staging.exists(OWNER_FILE):
         raise ReplaceMeError(f"output_dir: {staging.uri} exists and was not written by replaceme; move it away "
                              "(replaceme stages a run there) or choose another output_dir")
     staging.ensure_owned()
     yield staging
-    publish(fs, staging.root, root)
+    publish(final.fs, staging.root, final.root)
 
 
 @contextmanager

@@ -41,7 +41,8 @@ from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
 from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
 from replaceme.merge import kept_layers, merge_checkpoint
-from replaceme.outputs import OWNER_FILE, OutputDir, discard_staging, is_inside, locked, staged_output
+from replaceme.outputs import (OWNER_FILE, OutputDir, claim_in_place, discard_staging, is_inside, locked,
+                               staged_output)
 from replaceme.plots import plot_distances
 from replaceme.stats import BlockStats
 from replaceme.storage import filesystem
@@ -630,12 +631,23 @@ class StepRunner:
         }
 
     def _solved_by(self, calibrated: dict[str, Any]) -> dict[str, Any]:
-        return {"step": "solve", "digest": markers.step_digest("solve", self.config, self.dtype, calibrated["run"]),
-                "run": uuid.uuid4().hex, "upstream_run": calibrated["run"], "solved_by": "calibrate",
-                "pipeline_run_id": calibrated["pipeline_run_id"], "replaceme_version": __version__,
-                "started": calibrated["finished"], "finished": calibrated["finished"], "seconds": 0.0,
-                "timings": {}, "step_memory": {}, "solver": calibrated["solver"],
-                "artefacts": artefact_uris(self.out, "transforms.safetensors")}
+        """The solve marker calibrate earns: the maps it wrote were solved with these settings."""
+        return {**calibrated, "step": "solve", "solved_by": "calibrate", "run": uuid.uuid4().hex,
+                "digest": markers.step_digest("solve", self.config, self.dtype, calibrated["run"]),
+                "upstream_run": calibrated["run"], "started": calibrated["finished"], "seconds": 0.0,
+                "timings": {}, "step_memory": {}, "artefacts": artefact_uris(self.out, "transforms.safetensors")}
+
+
+def run_step(config: ReplaceMeConfig, name: str, *, progress: bool = True, command: Callable[[str], str] = cli_command,
+             force: bool = False, protect: bool = False) -> Outcome:
+    """One step in place on the config's output folder, holding it for the step's duration (the
+    CLI's step commands and the pipeline steps in ``ops/``); see :class:`StepRunner`."""
+    with claim_in_place(config.output_dir, storage_options=config.storage_options(config.output_dir)) as out:
+        runner = StepRunner(config, out, progress=progress, command=command, force=force, protect=protect)
+        try:
+            return runner.run(name)
+        finally:
+            runner.close()  # a Ray profile's stages hold CPUs and GPUs until then
 
 
 def _now() -> str:
