@@ -33,12 +33,16 @@ _DATA = ("model_path", "dataset", "dataset_column", "dataset_size", "dataset_sub
 _SELECTION = ("blocks", "layers_to_skip", "num_A", "merge_consecutive", "min_distance_layer", "distances_path")
 
 
+def _pick(config: ReplaceMeConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in keys}
+
+
 def statistics_settings(config: ReplaceMeConfig, dtype: str) -> dict[str, Any]:
     """Every setting that shapes the calibration statistics, with the dtype they are computed in
     (``compute_dtype`` resolved: ``auto`` is float32 on CPU and the checkpoint's dtype on GPUs).
     The activation store's run id and the calibrate step's digest are both made from it."""
     c = config
-    settings = {**{key: getattr(c, key) for key in (*_DATA, *_SELECTION, "sequential")},
+    settings = {**_pick(c, (*_DATA, *_SELECTION, "sequential")),
                 "compute_dtype": dtype, "batches_per_shard": c.engine.batches_per_shard}
     if c.statistics_depend_on_solver:
         settings.update(c.solver_settings())
@@ -52,7 +56,7 @@ def _calibrate_settings(c: ReplaceMeConfig, dtype: str) -> dict[str, Any]:
 
 SETTINGS: dict[str, Callable[[ReplaceMeConfig, str], dict[str, Any]]] = {
     "profile": lambda c, dtype: {"blocks": c.blocks} if c.blocks else  # named: nothing measured
-    {**{key: getattr(c, key) for key in (*_DATA, *_SELECTION)}, "compute_dtype": dtype},
+    {**_pick(c, (*_DATA, *_SELECTION)), "compute_dtype": dtype},
     "calibrate": _calibrate_settings,
     "solve": lambda c, dtype: c.solver_settings(),  # another alpha or estimator: re-solve, no model run
     "merge": lambda c, dtype: {},
