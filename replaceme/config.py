@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from replaceme.errors import ReplaceMeError
+from replaceme.memory import parse_size
 
 Block = tuple[int, int]
 
@@ -74,6 +75,18 @@ class EngineConfig(_Strict):
     resource_timeout_s: float = Field(default=120.0, gt=0.0, description="how long to wait for the cluster to grant resources")
     max_retries: int = Field(default=3, ge=0, description="attempts per data shard after a worker dies")
     merge_workers: int = Field(default=1, ge=1, description="Ray tasks writing output shards in parallel (1: in this process)")
+    memory_budget: str | int = Field(
+        default="auto",
+        description="memory the in-process engine may use (e.g. 64GB, 512MiB); auto: 60% of the free host or "
+                    "device memory. The calibration set is processed in chunks that fit it",
+    )
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _size(cls, value: str | int) -> str | int:
+        if value != "auto":
+            parse_size(value)  # refuses what is not a size, naming the field
+        return value
 
 
 class StorageConfig(_Strict):

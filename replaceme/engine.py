@@ -1,11 +1,14 @@
-"""The in-process engine: every calibration batch through one decoder layer at a time.
+"""The in-process engine: the calibration set through the model one decoder layer at a time.
 
-Layer-major order means each layer's weights are read once and freed before the next, so
-memory holds one layer plus the hidden states of the calibration set — never the whole model —
-and nothing past the last layer a block needs is loaded. Three passes are built on it:
+The batches are taken a chunk at a time, sized to ``engine.memory_budget`` (see
+:mod:`replaceme.memory`), and layer-major inside a chunk: memory holds the chunk's hidden states
+plus one layer — or every layer, kept resident across chunks when they fit the budget — never
+the hidden states of the whole set, and nothing past the last layer a pass needs is loaded.
+The passes built on it:
 
-* :meth:`LocalEngine.distances` — angular distance between the stream before and after every
-  candidate block (block selection);
+* :meth:`LocalEngine.profile` — angular distance between the stream before and after every
+  candidate block (block selection) and, in the same pass, each candidate's least-squares
+  statistics, so that a block selected and fitted on the unpruned stream needs no second pass;
 * :meth:`LocalEngine.calibrate` — the taps ``X`` (MLP output of layer ``s-1``), ``h_{s-1}`` and
   ``h_{e-1}`` for every block, reduced to float64 statistics per data shard of
   ``batches_per_shard`` batches and summed in shard order, as the Ray engine does (and kept as
@@ -13,8 +16,8 @@ and nothing past the last layer a block needs is loaded. Three passes are built 
   statistics (and rows) are committed there in the layout the Ray stages write, and each block's
   manifest last, so that ``replaceme solve`` re-solves from the store; shards already committed
   for every block are not run again (resume);
-* :meth:`LocalEngine.perplexity` — held-out perplexity of a checkpoint, optionally with layers
-  skipped.
+* :meth:`LocalEngine.perplexities` — held-out perplexity of a checkpoint and of pruned copies of
+  it, the layers they share run once.
 
 Padding rows are dropped from every statistic and distance.
 """
@@ -22,6 +25,7 @@ Padding rows are dropped from every statistic and distance.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from collections import deque
@@ -32,17 +36,17 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from replaceme.activations import ActivationStore, StoredRows
+from replaceme.activations import ActivationStore, RowWriter, StoredRows
 from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
 from replaceme.layerwise import LayerwiseModel
-from replaceme.stats import AngleSums, BlockStats
+from replaceme.memory import KWARGS_CACHE_BYTES, ChunkPlan, gib, layer_temporaries, plan_chunks, resolve_budget
+from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
-KWARGS_CACHE_BYTES = 512 * 2**20
-LOGITS_BYTES = 64 * 2**20  # float32 logits held at once by the perplexity pass
+LOGITS_BYTES = 64 * 2**20  # float32 logits held at once by the perplexity pass, at most
 BATCHES_PER_SHARD = EngineConfig.model_fields["batches_per_shard"].default
 
 
@@ -78,13 +82,23 @@ class BlockCapture:
 Estimator = Callable[[BlockCapture], torch.Tensor]
 
 
+@dataclass
+class Profile:
+    """What the profile pass measured: every candidate block's distance and, when asked for, its
+    least-squares statistics on the unpruned stream (then no second pass is needed to fit it)."""
+
+    distances: list[tuple[int, int, float]]
+    candidates: dict[Block, CandidateStats] | None = None
+
+
 class CalibrationEngine(Protocol):
     """The passes over the calibration set that profile and calibrate need, implemented in this
     process (:class:`LocalEngine`) and on a Ray cluster (:class:`replaceme.distributed.engine.RayEngine`);
     both give the same distances and maps to float64 round-off."""
 
-    def distances(self, block_size: int) -> list[tuple[int, int, float]]:
-        """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later."""
+    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+        """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later
+        and, with ``statistics`` where the engine can, every such block's statistics (else None)."""
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -94,13 +108,26 @@ class CalibrationEngine(Protocol):
         """Release what the engine holds between passes (the Ray stages)."""
 
 
+@dataclass
+class _Shared:
+    """What the chunk views of one engine share: resident layers and cached layer arguments."""
+
+    resident: dict[int, torch.nn.Module] | None = None  # None: weights are streamed
+    kwargs: dict[tuple[int, int], dict] = field(default_factory=dict)
+    kwargs_bytes: int = 0
+    kwargs_limit: int = KWARGS_CACHE_BYTES  # a share of the budget, set by each pass's plan
+    logits_limit: int = LOGITS_BYTES  # float32 logits held at once by the evaluation, likewise
+
+
 class LocalEngine:
     """``store``: the run's activation store, written by :meth:`calibrate` (``save_rows``: the rows
-    too, not only the statistics); ``batches_per_shard``: the data shards' size, as on Ray."""
+    too, not only the statistics); ``batches_per_shard``: the data shards' size, as on Ray;
+    ``memory_budget``: what a pass may hold (``engine.memory_budget``; None or ``auto``: a share of
+    the free memory), see :mod:`replaceme.memory`."""
 
     def __init__(self, model: LayerwiseModel, batches: Sequence[Batch], *, progress: bool = True,
                  store: ActivationStore | None = None, save_rows: bool = False,
-                 batches_per_shard: int = BATCHES_PER_SHARD) -> None:
+                 batches_per_shard: int = BATCHES_PER_SHARD, memory_budget: str | int | None = None) -> None:
         if not batches:
             raise ReplaceMeError("dataset: no calibration batches; the calibration set is empty")
         if batches_per_shard < 1:
@@ -111,14 +138,24 @@ class LocalEngine:
         self.store = store
         self.save_rows = save_rows and store is not None
         self.batches_per_shard = batches_per_shard
+        self.memory_budget = memory_budget
         self.num_shards = math.ceil(len(self.batches) / batches_per_shard)
-        self.batch_ids = list(range(len(self.batches)))  # in the whole calibration set (a resumed pass runs some)
+        self.batch_ids = list(range(len(self.batches)))  # in the whole calibration set (a chunk holds some)
         self.shard_of = [i // batches_per_shard for i in self.batch_ids]
-        self._kwargs_cache: dict[tuple[int, int], dict] = {}
-        self._kwargs_cache_bytes = 0
+        self.last_plan: ChunkPlan | None = None  # of the latest pass, for reports and tests
+        self._shared = _Shared()
 
     def close(self) -> None:
-        """Nothing held between passes (the Ray engine's stages are)."""
+        """Free the resident layers (the Ray engine's stages are freed likewise)."""
+        self._shared.resident = None
+
+    def _subset(self, positions: Sequence[int]) -> LocalEngine:
+        """A view of this engine over some of its batches, sharing its layers and caches."""
+        view = copy.copy(self)
+        view.batches = [self.batches[i] for i in positions]
+        view.batch_ids = [self.batch_ids[i] for i in positions]
+        view.shard_of = [self.shard_of[i] for i in positions]
+        return view
 
     # --- building blocks ---------------------------------------------------------------------
 
@@ -129,7 +166,7 @@ class LocalEngine:
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Run decoder layer ``index`` over every batch; optionally capture its residual MLP output."""
         outputs, taps = [], [] if tap_mlp else None
-        with self.model.layer(index) as layer, torch.no_grad():
+        with self._layer(index) as layer, torch.no_grad():
             hook = None
             if tap_mlp:
                 tapped = layer.get_submodule(self.model.family.residual_mlp_module)
@@ -144,17 +181,31 @@ class LocalEngine:
         self._check_finite(index, outputs)
         return outputs, taps
 
+    @contextlib.contextmanager
+    def _layer(self, index: int) -> Iterator[torch.nn.Module]:
+        """Decoder layer ``index``: kept loaded when the pass's weights are resident, else read for
+        this use and freed."""
+        resident = self._shared.resident
+        if resident is None:
+            with self.model.layer(index) as layer:
+                yield layer
+            return
+        if index not in resident:
+            resident[index] = self.model.load_layer(index)
+        yield resident[index]
+
     def _layer_kwargs(self, index: int, batch_index: int) -> dict:
-        """Masks and position embeddings for one layer and batch, cached while they fit the budget
-        (building them costs about as much as a small layer; for long sequences they are large)."""
-        key = (self.model.kwargs_key(index), batch_index)
-        if key in self._kwargs_cache:
-            return self._kwargs_cache[key]
+        """Masks and position embeddings for one layer and batch, cached while they fit their share of
+        the budget (building them costs about as much as a small layer)."""
+        shared = self._shared
+        key = (self.model.kwargs_key(index), self.batch_ids[batch_index])
+        if key in shared.kwargs:
+            return shared.kwargs[key]
         kwargs = self.model.layer_kwargs(index, self.batches[batch_index].attention_mask)
         size = sum(_nbytes(v) for v in kwargs.values())
-        if self._kwargs_cache_bytes + size <= KWARGS_CACHE_BYTES:
-            self._kwargs_cache[key] = kwargs
-            self._kwargs_cache_bytes += size
+        if shared.kwargs_bytes + size <= shared.kwargs_limit:
+            shared.kwargs[key] = kwargs
+            shared.kwargs_bytes += size
         return kwargs
 
     def run_layers(self, layers: range, stream: list[torch.Tensor], bar: tqdm | None = None) -> list[torch.Tensor]:
@@ -175,31 +226,110 @@ class LocalEngine:
     def _bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress, leave=False)
 
+    # --- chunks ------------------------------------------------------------------------------
+
+    def plan(self, layers: Sequence[int], *, states: int, fixed_bytes: int = 0, what: str = "calibration",
+             others: Sequence[LocalEngine] = ()) -> ChunkPlan:
+        """How a pass running ``layers`` (of this model, and all of ``others``' layers) with
+        ``states`` hidden states per token alive spends the memory budget; makes the weights
+        resident or streamed accordingly. Cached layer arguments and (evaluation) logit slices
+        take at most an eighth of the budget each."""
+        m = self.model
+        itemsize = torch.empty((), dtype=m.dtype).element_size()
+        widest = max(self.batches, key=lambda b: b.input_ids.numel())
+        batch_size, length = widest.input_ids.shape
+        temporaries = layer_temporaries(batch_size=batch_size, length=length, hidden=m.hidden_size,
+                                        intermediate=m.intermediate_size, heads=m.num_heads, dtype_bytes=itemsize)
+        layer_bytes = [m.layer_bytes(i) for i in layers]
+        for other in others:
+            layer_bytes += [other.model.layer_bytes(i) for i in range(other.model.num_layers)]
+        budget = resolve_budget(self.memory_budget, m.device)
+        kwargs_limit = min(KWARGS_CACHE_BYTES, budget // 8)
+        logits_limit = min(LOGITS_BYTES, budget // 8) if what == "evaluation" else 0
+        plan = plan_chunks(budget=budget, layer_bytes=layer_bytes,
+                           batch_bytes=states * widest.input_ids.numel() * m.hidden_size * itemsize,
+                           fixed_bytes=fixed_bytes + temporaries + kwargs_limit + 2 * logits_limit,
+                           num_batches=len(self.batches), batches_per_shard=self.batches_per_shard, what=what)
+        for engine in (self, *others):
+            engine._shared.kwargs_limit, engine._shared.logits_limit = kwargs_limit, logits_limit
+            engine._keep_resident(plan.resident, set(layers) if engine is self else None)
+        self.last_plan = plan
+        log.info("%s pass: %s", what, plan.describe())
+        return plan
+
+    def _keep_resident(self, resident: bool, layers: set[int] | None) -> None:
+        """Keep the layers of the coming pass that are loaded already (``layers`` None: all); free the rest."""
+        if not resident:
+            self._shared.resident = None
+            return
+        kept = self._shared.resident or {}
+        self._shared.resident = {i: m for i, m in kept.items() if layers is None or i in layers}
+
+    def chunks(self, plan: ChunkPlan) -> list[LocalEngine]:
+        """Views over consecutive chunks of the batches (this engine itself when one chunk holds all)."""
+        if plan.chunk_batches >= len(self.batches):
+            return [self]
+        step = plan.chunk_batches
+        return [self._subset(range(b, min(b + step, len(self.batches)))) for b in range(0, len(self.batches), step)]
+
     # --- passes ------------------------------------------------------------------------------
 
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
         """Mean angular distance ``arccos(cos(h_{s-1}, h_{e-1}))/π`` for every block of ``block_size``
-        layers that starts at layer 1 or later: ``[(s, e, distance), …]``.
+        layers that starts at layer 1 or later: ``[(s, e, distance), …]``."""
+        return self.profile(block_size).distances
 
-        Layer-major like every pass here, so each layer's weights are read once; the price is that
-        the block ending at layer j needs ``h_{j-L}`` of *every* batch when ``h_j`` is computed, so
-        the token rows of the whole set after the last L+1 layers stay in memory. Holding only L+1
-        states of one batch needs batch-major order, which would reload every layer for every batch
-        here; the Ray stages do that with their layers resident (``engine.backend: ray``).
+    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+        """Every candidate block's distance and, with ``statistics``, its least-squares statistics on
+        the unpruned stream (a candidate's X, h_{s-1} and h_{e-1} are all in the window the distance
+        slides). Statistics that would take over half the budget are not gathered (``candidates``
+        None: the caller then fits in a second pass).
+
+        Layer-major inside a chunk: the block ending at layer j needs ``h_{j-L}`` (and, for its
+        statistics, X of layer j-L) of every batch of the chunk when ``h_j`` is computed, so the
+        rows after the last L+1 layers of one chunk stay in memory — never those of the whole set.
         """
-        angles = angle_sums(block_size, self.model.num_layers)
-        window: deque[list[torch.Tensor]] = deque()  # per-batch rows after layers index-L … index
+        n, hidden = self.model.num_layers, self.model.hidden_size
+        angles = angle_sums(block_size, n)
+        candidates, need = None, 0
+        if statistics:
+            count = n - block_size
+            need = count * 2 * hidden * hidden * 8
+            budget = resolve_budget(self.memory_budget, self.model.device)
+            if need <= budget // 2:
+                device = self.model.device
+                candidates = {(s, s + block_size): CandidateStats.zeros(hidden, device) for s in range(1, count + 1)}
+            else:
+                log.warning("not gathering the %d candidate blocks' statistics in the profile pass: they take %s of "
+                            "a %s budget (engine.memory_budget); the blocks are fitted in a second pass", count,
+                            gib(need), gib(budget))
+                need = 0
+        states = block_size + 3 + (block_size + 1 if candidates else 0)
+        plan = self.plan(range(n), states=states, fixed_bytes=need, what="profile")
+        chunks = self.chunks(plan)
+        with self._bar(n * len(chunks), "profile") as bar:
+            for chunk in chunks:
+                chunk._profile_chunk(angles, candidates, bar)
+        return Profile(angles.distances(), candidates)
+
+    def _profile_chunk(self, angles: AngleSums, candidates: dict[Block, CandidateStats] | None, bar: tqdm) -> None:
+        n, size = self.model.num_layers, angles.block_size
+        window: deque[tuple[list[torch.Tensor], list[torch.Tensor] | None]] = deque()  # rows of h (and X) per layer
         stream = self.embed()
-        with self._bar(self.model.num_layers, "profile") as bar:
-            for index in range(self.model.num_layers):
-                stream, _ = self.run_layer(index, stream)
-                bar.update()
-                window.append(self.rows(stream))
-                start = angles.start_of_block_ending_at(index)
-                if start is not None:  # h_{index-L} is used for the last time: drop it before the next layer
-                    for before, after in zip(window.popleft(), window[-1]):
-                        angles.add(start, before, after)
-        return angles.distances()
+        for index in range(n):
+            tap = candidates is not None and index < n - size  # layer s-1 of the candidate starting at index+1
+            stream, x = self.run_layer(index, stream, tap_mlp=tap)
+            bar.update()
+            window.append((self.rows(stream), self.rows(x) if tap else None))
+            start = angles.start_of_block_ending_at(index)
+            if start is None:
+                continue
+            (before, x_rows), (after, _) = window.popleft(), window[-1]  # h_{s-1} is used for the last time
+            for b, a in zip(before, after):
+                angles.add(start, b, a)
+            if candidates is not None:
+                for xb, b, a in zip(x_rows, before, after):
+                    candidates[(start, index + 1)].update(xb, b, a)
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -208,6 +338,8 @@ class LocalEngine:
         With ``sequential`` the stream after a block is the pruned model's (``h_{s-1} − X + X·T``),
         so later blocks are fitted on the model whose earlier blocks are already replaced;
         without it every block sees the original model, as the published least-squares code does.
+        When the calibration set takes several chunks, a sequential fit runs one pass per block
+        (a block's map needs every chunk's statistics before the next block's stream exists).
 
         With a store, the shards committed there for every block (a rerun of the same run id) are
         not run: their statistics are read back; a shard committed for some blocks only runs, and
@@ -220,25 +352,72 @@ class LocalEngine:
         if skipped:
             log.info("resuming: %d of %d data shards already committed to the activation store", len(skipped),
                      self.num_shards)
-        results = []
-        stream = runner.embed() if runner else []
-        next_layer = 0
-        with self._bar(max(e for _, e in blocks) if runner else 0, "calibrate") as bar:
-            for start, end in blocks:
-                x, target = [], []
-                if runner:
-                    stream = runner.run_layers(range(next_layer, start - 1), stream, bar)
-                    stream, x = runner.run_layer(start - 1, stream, tap_mlp=True)
-                    bar.update()
-                    target = runner.run_layers(range(start, end), stream, bar)
-                capture = self._capture((start, end), runner, stream, x, target, keep_activations,
-                                        committed.get((start, end), set()))
-                transform = estimator(capture)
-                results.append((capture, transform))
-                if runner:
-                    stream = runner._apply(stream, x, transform) if sequential else target
-                next_layer = end
+        sums = {b: _BlockSums(self, b, committed.get(b, set()), keep_activations) for b in blocks}
+        try:
+            if runner is None:
+                return [self._solve(sums[b], estimator) for b in blocks]
+            return runner._calibrate_chunks(blocks, sums, estimator, sequential)
+        except BaseException:
+            for block_sums in sums.values():
+                block_sums.abort()
+            raise
+        finally:
+            if runner is not None and runner is not self:
+                self.last_plan = runner.last_plan
+
+    def _calibrate_chunks(self, blocks: list[Block], sums: dict[Block, _BlockSums], estimator: Estimator,
+                          sequential: bool) -> list[tuple[BlockCapture, torch.Tensor]]:
+        last = max(e for _, e in blocks)
+        fixed = len(blocks) * 2 * self.model.hidden_size ** 2 * 8
+        chunks = self.chunks(self.plan(range(last), states=4, fixed_bytes=fixed))
+        sweeps = len(blocks) if sequential and len(chunks) > 1 else 1
+        results, transforms = [], {}
+        with self._bar(last * len(chunks) * sweeps, "calibrate") as bar:
+            if not sequential:
+                for chunk in chunks:
+                    chunk._sweep(blocks, sums, transforms, bar, fold=False)
+                return [self._solve(sums[b], estimator) for b in blocks]
+            kept = [None] * len(chunks)  # one chunk's state stays in memory from block to block
+            for i, block in enumerate(blocks):
+                for c, chunk in enumerate(chunks):
+                    state = chunk._sweep(blocks[:i + 1], sums, transforms, bar, fold=True, state=kept[c])
+                    kept[c] = state if len(chunks) == 1 else None
+                results.append(self._solve(sums[block], estimator))
+                transforms[block] = results[-1][1]
         return results
+
+    def _sweep(self, blocks: list[Block], sums: dict[Block, _BlockSums], transforms: dict[Block, torch.Tensor],
+               bar: tqdm, *, fold: bool, state: _Sweep | None = None) -> _Sweep:
+        """Run this chunk through ``blocks`` in order: a block with a map in ``transforms`` is folded
+        in (the stream becomes the pruned model's); any other is captured into ``sums``, after which
+        the stream goes on unpruned, or (``fold``) the sweep stops there until its map is solved."""
+        state = state or _Sweep(self.embed())
+        for start, end in blocks[state.done:]:
+            if state.x is None:  # not yet at layer s-1 of this block
+                state.stream = self.run_layers(range(state.next_layer, start - 1), state.stream, bar)
+                state.stream, state.x = self.run_layer(start - 1, state.stream, tap_mlp=True)
+                bar.update()
+            if (start, end) in transforms:
+                state.stream = self._apply(state.stream, state.x, transforms[(start, end)])
+            else:
+                target = self.run_layers(range(start, end), state.stream, bar)
+                self._accumulate(sums[(start, end)], state.stream, state.x, target)
+                if fold:
+                    return state
+                state.stream = target
+            state.x, state.next_layer, state.done = None, end, state.done + 1
+        return state
+
+    def _accumulate(self, sums: _BlockSums, h_before: list[torch.Tensor], x: list[torch.Tensor],
+                    h_after: list[torch.Tensor]) -> None:
+        for position, shard in enumerate(self.shard_of):
+            mask = self.batches[position].attention_mask.to(h_before[position].device).bool()
+            hb, xb, ha = h_before[position][mask], x[position][mask], h_after[position][mask]
+            sums.add(shard, xb, ha - hb + xb, hb - xb)
+
+    def _solve(self, sums: _BlockSums, estimator: Estimator) -> tuple[BlockCapture, torch.Tensor]:
+        capture = sums.finish()
+        return capture, estimator(capture)
 
     def _committed(self, blocks: Sequence[Block], keep_activations: bool) -> dict[Block, set[int]]:
         """Per block, the shards whose statistics (and rows, when rows are saved) the store already
@@ -253,93 +432,147 @@ class LocalEngine:
         return committed
 
     def _without_shards(self, skipped: set[int]) -> LocalEngine | None:
-        """This engine, or one over the batches of the shards not in ``skipped`` (None when none is left)."""
+        """This engine, or a view over the batches of the shards not in ``skipped`` (None when none is left)."""
         if not skipped:
             return self
-        kept = [i for i in self.batch_ids if self.shard_of[i] not in skipped]
-        if not kept:
-            return None
-        runner = LocalEngine(self.model, [self.batches[i] for i in kept], progress=self.progress, store=self.store,
-                             save_rows=self.save_rows, batches_per_shard=self.batches_per_shard)
-        runner.batch_ids, runner.shard_of = kept, [self.shard_of[i] for i in kept]
-        return runner
+        kept = [i for i in range(len(self.batches)) if self.shard_of[i] not in skipped]
+        return self._subset(kept) if kept else None
 
-    def perplexity(self, skip: set[int] = frozenset(), *, start: int = 0,
-                   stream: list[torch.Tensor] | None = None) -> tuple[float, int]:
-        """Perplexity of next-token prediction over non-padding tokens, and the token count.
-        ``stream``: the hidden states after layers ``0 … start-1``, when they are known already
-        (another checkpoint whose first ``start`` layers are these, byte for byte)."""
-        stream = self.embed() if stream is None else stream
-        kept = [i for i in range(start, self.model.num_layers) if i not in skip]
-        with self._bar(len(kept), "evaluate") as bar:
-            for index in kept:
-                stream, _ = self.run_layer(index, stream)
-                bar.update()
-        norm, lm_head = self.model.head()
-        total_nll, total_tokens = 0.0, 0
+    def perplexity(self, skip: set[int] = frozenset()) -> tuple[float, int]:
+        """Perplexity of next-token prediction over non-padding tokens, and the token count."""
+        return self.perplexities(skip=skip)[0]
+
+    def perplexities(self, others: Sequence[LocalEngine] = (), *, shared: int = 0, skip: set[int] = frozenset(),
+                     include_self: bool = True) -> list[tuple[float, int]]:
+        """Perplexity (and token count) of this model (``include_self``) and of each of ``others`` —
+        other checkpoints over the same batches whose first ``shared`` layers are this one's, byte
+        for byte, so that each chunk runs those layers once for all of them."""
+        models = ([self] if include_self else []) + list(others)
+        kept = [[i for i in range(shared, e.model.num_layers) if e is not self or i not in skip] for e in models]
+        heads = [e.model.head() for e in models]
+        head_bytes = sum(_module_bytes(m) for head in heads for m in head)
+        plan = self.plan(range(shared if not include_self else self.model.num_layers), states=3,
+                         fixed_bytes=head_bytes, what="evaluation", others=others)
+        views = [self.chunks(plan)] + [[o._subset(c.batch_ids) for c in self.chunks(plan)] for o in others]
+        totals = [[0.0, 0] for _ in models]
+        with self._bar(sum(map(len, kept)) * plan.num_chunks + shared * plan.num_chunks, "evaluate") as bar:
+            for c, chunk in enumerate(views[0]):
+                prefix = chunk.run_layers(range(shared), chunk.embed(), bar)
+                engines = ([chunk] if include_self else []) + [v[c] for v in views[1:]]
+                for engine, layers, head, total in zip(engines, kept, heads, totals):
+                    nll, tokens = engine._nll(engine.run_layers(layers, prefix, bar), head)
+                    total[0] += nll
+                    total[1] += tokens
+        if totals[0][1] == 0:
+            raise ReplaceMeError("eval.dataset: no tokens to predict; the evaluation texts are too short")
+        return [(math.exp(nll / tokens), tokens) for nll, tokens in totals]
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _nll(self, stream: list[torch.Tensor], head: tuple[torch.nn.Module, torch.nn.Module]) -> tuple[float, int]:
+        """Summed next-token loss over the non-padding tokens of every batch, and their count."""
+        total, count = 0.0, 0
         with torch.no_grad():
             for batch, hidden in zip(self.batches, stream):
                 valid = batch.attention_mask[:, 1:].to(hidden.device).bool()
                 rows, labels = hidden[:, :-1][valid], batch.input_ids[:, 1:].to(hidden.device)[valid]
-                total_nll += self._nll(rows, labels, norm, lm_head)
-                total_tokens += rows.shape[0]
-        if total_tokens == 0:
-            raise ReplaceMeError("eval.dataset: no tokens to predict; the evaluation texts are too short")
-        return math.exp(total_nll / total_tokens), total_tokens
+                total += self._row_nll(rows, labels, *head)
+                count += rows.shape[0]
+        return total, count
 
-    # --- helpers -------------------------------------------------------------------------------
-
-    def _nll(self, rows: torch.Tensor, labels: torch.Tensor, norm: torch.nn.Module, lm_head: torch.nn.Module) -> float:
+    def _row_nll(self, rows: torch.Tensor, labels: torch.Tensor, norm: torch.nn.Module, lm_head: torch.nn.Module) -> float:
         """Summed next-token loss of token rows, their logits computed a slice of rows at a time: a
         batch's [tokens × vocab] float32 logits (4 GB for 8 × 1024 tokens of a 128 k vocabulary)
         never exist at once."""
-        step = max(1, LOGITS_BYTES // (4 * lm_head.weight.shape[0]))
+        step = max(1, self._shared.logits_limit // (4 * lm_head.weight.shape[0]))
         total = 0.0
         for begin in range(0, rows.shape[0], step):
             logits = self.model.logits(rows[begin:begin + step], norm, lm_head)
             total += float(torch.nn.functional.cross_entropy(logits, labels[begin:begin + step], reduction="sum"))
         return total
 
-    def _capture(self, block: Block, runner: LocalEngine | None, h_before: list[torch.Tensor], x: list[torch.Tensor],
-                 h_after: list[torch.Tensor], keep_activations: bool, committed: set[int]) -> BlockCapture:
-        """The block's statistics: per data shard (committed to the store when there is one, rows
-        streamed into it), summed in shard order; shards in ``committed`` are read back instead.
-        With the rows in the store the estimator reads them from there (as after a Ray run, and as
-        ``replaceme solve`` does), else they are kept in memory when it needs them."""
-        hidden = self.model.hidden_size
-        device = h_before[0].device if h_before else torch.device("cpu")
-        in_memory = Activations() if keep_activations and not self.save_rows else None
-        positions: dict[int, list[int]] = {}  # shard → positions of its batches in the runner's stream
-        for position, shard in enumerate(runner.shard_of if runner else []):
-            positions.setdefault(shard, []).append(position)
-        total = BlockStats.zeros(hidden, device=device)
-        for shard in range(self.num_shards):
-            if shard in committed:
-                total += self.store.load_stats(block, shard)
-                continue
-            stats = BlockStats.zeros(hidden, device=device)
-            writer = self.store.row_writer(block, shard) if self.save_rows else None
-            with writer if writer is not None else contextlib.nullcontext():
-                for position in positions.get(shard, []):
-                    mask = runner.batches[position].attention_mask.to(device).bool()
-                    hb, xb, ha = h_before[position][mask], x[position][mask], h_after[position][mask]
-                    y = ha - hb + xb
-                    stats.update(xb, y)
-                    if writer is not None:
-                        writer.write(xb, y, hb - xb)
-                    if in_memory is not None:
-                        in_memory.add(xb, y, hb - xb)
-            if self.store is not None:
-                self.store.commit_shard(block, shard, stats, writer.close() if writer is not None else None)
-            total += stats
-        if self.store is not None:  # written last: the block's statistics and rows are complete
-            self.store.write_manifest(block, hidden, expected_shards=self.num_shards)
-        rows = StoredRows(self.store, block) if keep_activations and self.save_rows else in_memory
-        return BlockCapture(block, total, rows)
-
     def _apply(self, stream: list[torch.Tensor], x: list[torch.Tensor], transform: torch.Tensor) -> list[torch.Tensor]:
         """The stream after layer s-1 once the map is folded in: ``h − X + X·T``."""
         return [apply_map(h, xb, transform) for h, xb in zip(stream, x)]
+
+
+@dataclass
+class _Sweep:
+    """Where a chunk's sweep through the blocks stands: its stream after layer ``next_layer - 1``,
+    the blocks ``done``, and the tapped X of the block it stopped at (waiting for its map)."""
+
+    stream: list[torch.Tensor]
+    next_layer: int = 0
+    done: int = 0
+    x: list[torch.Tensor] | None = None
+
+
+class _BlockSums:
+    """One block's statistics over the calibration set: summed per data shard and the shards in
+    order, as the Ray engine sums them; each shard committed to the store (with its rows) as soon
+    as it is complete, so a chunk may end inside a shard. Shards in ``committed`` are read back
+    from the store instead (their rows, if any ran, are ignored)."""
+
+    def __init__(self, engine: LocalEngine, block: Block, committed: set[int], keep_activations: bool) -> None:
+        self.engine, self.block, self.committed = engine, block, committed
+        self.hidden = engine.model.hidden_size
+        self.device = engine.model.device
+        self.keep_activations = keep_activations
+        self.in_memory = Activations() if keep_activations and not engine.save_rows else None
+        self.total = BlockStats.zeros(self.hidden, device=self.device)
+        self.next_shard = 0  # shards before it are in total
+        self.current: tuple[BlockStats, RowWriter | None] | None = None
+
+    def add(self, shard: int, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor) -> None:
+        """Token rows of one batch of data shard ``shard`` (shards arrive in order)."""
+        self._close_before(shard)
+        if shard in self.committed:
+            return
+        if self.current is None:
+            store = self.engine.store
+            self.current = (BlockStats.zeros(self.hidden, device=self.device),
+                            store.row_writer(self.block, shard) if self.engine.save_rows else None)
+        stats, writer = self.current
+        stats.update(x, y)
+        if writer is not None:
+            writer.write(x, y, residual)
+        if self.in_memory is not None:
+            self.in_memory.add(x, y, residual)
+
+    def _close_before(self, shard: int) -> None:
+        """Add every shard before ``shard`` to the total, in order: committed ones read back, the one in
+        progress committed to the store."""
+        store = self.engine.store
+        while self.next_shard < shard:
+            n = self.next_shard
+            if n in self.committed:
+                self.total += store.load_stats(self.block, n)
+            elif self.current is not None:
+                stats, writer = self.current
+                if store is not None:
+                    store.commit_shard(self.block, n, stats, writer.close() if writer is not None else None)
+                self.total += stats
+                self.current = None
+            self.next_shard += 1
+
+    def finish(self) -> BlockCapture:
+        """The block's capture once every shard is in: with a store, its manifest is written last."""
+        self._close_before(self.engine.num_shards)
+        store = self.engine.store
+        if store is not None:
+            store.write_manifest(self.block, self.hidden, expected_shards=self.engine.num_shards)
+        rows = StoredRows(store, self.block) if self.keep_activations and self.engine.save_rows else self.in_memory
+        return BlockCapture(self.block, self.total, rows)
+
+    def abort(self) -> None:
+        """Drop the rows of the shard in progress (never committed)."""
+        if self.current is not None and self.current[1] is not None:
+            self.current[1].abort()
+        self.current = None
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def angle_sums(block_size: int, num_layers: int) -> AngleSums:

@@ -100,6 +100,23 @@ class LayerwiseModel:
     def layer_prefix(self) -> str:
         return self.family.layer_prefix
 
+    def layer_bytes(self, index: int) -> int:
+        """Decoder layer ``index``'s weights at the compute dtype (read off the meta build)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return sum(p.numel() for p in self._meta_layers[index].parameters()) * itemsize
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(getattr(self.hf_config, "intermediate_size", None) or 4 * self.hidden_size)
+
+    @property
+    def num_heads(self) -> int:
+        return int(getattr(self.hf_config, "num_attention_heads", 1))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
     # --- inputs of each layer ----------------------------------------------------------------
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

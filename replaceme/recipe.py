@@ -51,6 +51,7 @@ from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_s
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current maps, for report.json
+PROFILED_STATISTICS = "profile"  # the selected blocks' statistics, gathered by the profile pass
 
 
 class Context:
@@ -195,14 +196,26 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
         return ctx.blocks
     model_digest = lineage.model_identity(ctx.checkpoint)["digest"]
     saved = _read_distances(ctx)
+    candidates = None
     with ctx.timed("profile"):
         if saved is not None:
             distances = reusable_distances(saved, c.distances_path, block_size=c.layers_to_skip, model_digest=model_digest)
             log.info("reusing block distances from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
-            distances = ctx.engine.distances(c.layers_to_skip)
+            two_passes = two_pass_reason(c)
+            if two_passes:
+                log.info("profile: the selected blocks will be fitted in a second pass: %s", two_passes)
+            result = ctx.engine.profile(c.layers_to_skip, statistics=two_passes is None)
+            distances, candidates = result.distances, result.candidates
         blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
                                merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
+    out.remove(PROFILED_STATISTICS)
+    if candidates is not None and all(b in candidates for b in blocks):
+        for s, e in blocks:  # the selected blocks' statistics: calibrate solves them without a model pass
+            out.write_bytes(f"{PROFILED_STATISTICS}/stats-{s}-{e}.safetensors", candidates[(s, e)].stats.to_bytes())
+    elif candidates is not None:
+        log.info("profile: merged consecutive blocks %s are not single candidates; they are fitted in a second pass",
+                 [list(b) for b in blocks])
     csv_text = distances_to_csv(distances, model_digest)
     out.write_text("distances.csv", csv_text)
     out.write_bytes("distances.png", plot_distances(distances, blocks, c.layers_to_skip))
@@ -222,13 +235,43 @@ def _read_distances(ctx: Context) -> str | None:
     return fs.cat_file(path).decode() if fs.exists(path) else None
 
 
+def two_pass_reason(config: ReplaceMeConfig) -> str | None:
+    """Why the blocks cannot be fitted from the statistics the profile pass gathers (None: they can).
+    Those are every candidate's statistics on the unpruned stream, kept in memory only."""
+    c = config
+    if c.method != "lstsq":
+        return f"method: {c.method} fits on the activation rows, which the profile pass does not keep"
+    if c.activations.uri is not None:
+        return "activations.uri is set: the calibration pass writes per-shard statistics (and rows) there"
+    if c.sequential and c.num_A > 1:
+        return "sequential: true fits each block after the first on the stream of the model pruned before it"
+    return None
+
+
+def profiled_statistics(ctx: Context, out: OutputDir, blocks: list[Block]) -> dict[Block, BlockStats] | None:
+    """The blocks' statistics the profile pass of this output gathered, when they serve these settings."""
+    if two_pass_reason(ctx.config) is not None:
+        return None
+    names = {b: f"{PROFILED_STATISTICS}/stats-{b[0]}-{b[1]}.safetensors" for b in blocks}
+    if not all(out.exists(name) for name in names.values()):
+        return None
+    return {b: BlockStats.from_bytes(out.read_bytes(name)) for b, name in names.items()}
+
+
 def calibrate(ctx: Context, out: OutputDir, blocks: list[Block]) -> list[dict[str, Any]]:
-    """Run the model up to the last needed layer, solve each block's map, save maps and statistics."""
+    """Solve each block's map from the statistics the profile pass gathered, or else run the model up to
+    the last needed layer for them; save maps and statistics."""
     c = ctx.config
     solver = BlockSolver(c)
     with ctx.timed("calibrate"):
+        profiled = profiled_statistics(ctx, out, blocks)
         try:
-            fits = ctx.engine.calibrate(blocks, solver, sequential=c.sequential, keep_activations=c.method == "cosine")
+            if profiled is not None:
+                log.info("calibrate: solving from the statistics of the profile pass (no second model pass)")
+                fits = [(capture, solver(capture)) for capture in (BlockCapture(b, profiled[b], None) for b in blocks)]
+            else:
+                fits = ctx.engine.calibrate(blocks, solver, sequential=c.sequential,
+                                            keep_activations=c.method == "cosine")
         finally:  # the last pass over the calibration set: free the Ray stages (merge tasks need the CPUs)
             ctx.close_engine()
     transforms = {f"{s}-{e}": t.to(torch.float32).cpu().contiguous() for ((s, e), t) in ((cap.block, t) for cap, t in fits)}
@@ -252,7 +295,8 @@ def calibration_engine(ctx: Context) -> CalibrationEngine:
     c = ctx.config
     if c.engine.backend == "local":
         return LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=ctx.progress, store=ctx.store,
-                           save_rows=c.activations.save_rows, batches_per_shard=c.engine.batches_per_shard)
+                           save_rows=c.activations.save_rows, batches_per_shard=c.engine.batches_per_shard,
+                           memory_budget=c.engine.memory_budget)
     from replaceme.distributed.engine import RayEngine, StageSettings
 
     device = "cuda" if c.engine.gpus_per_stage > 0 else "cpu"
@@ -333,13 +377,13 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
         return {}
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
     shared = min(s for s, _ in saved_blocks(out)) - 1
+    budget = ctx.config.engine.memory_budget
     with ctx.timed("evaluate"):
-        source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress)
-        prefix = source.run_layers(range(shared), source.embed())
-        before, tokens = source.perplexity(start=shared, stream=prefix)
+        source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress,
+                             memory_budget=budget)
         with Checkpoint(f"{out.uri}/model", field="output_dir", storage_options=ctx.output_options) as pruned:
-            after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches,
-                                   progress=ctx.progress).perplexity(start=shared, stream=prefix)
+            target = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress, memory_budget=budget)
+            (before, tokens), (after, _) = source.perplexities([target], shared=shared)
     metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
     if ctx.config.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
@@ -492,6 +536,7 @@ def _profile_step(job: StepRunner) -> dict[str, Any]:
     ctx, out = job.ctx, job.out
     blocks = [list(b) for b in profile(ctx, out)]
     names = ["blocks.json"] + ([] if ctx.blocks else ["distances.csv", "distances.png"])
+    names += [PROFILED_STATISTICS] if out.exists(PROFILED_STATISTICS) else []
     return {"blocks": blocks, "selected": not ctx.blocks, "artefacts": artefact_uris(out, *names)}
 
 

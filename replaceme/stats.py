@@ -66,6 +66,25 @@ class BlockStats:
 
 
 @dataclass
+class CandidateStats:
+    """A candidate block's least-squares statistics on the unpruned stream, gathered while the
+    blocks are profiled, plus ``stream_sq`` = Σ‖h_{e-1}‖² over tokens (the norm of the stream the
+    fitted map must reproduce, for residual-based selection)."""
+
+    stats: BlockStats
+    stream_sq: float = 0.0
+
+    @classmethod
+    def zeros(cls, hidden: int, device: torch.device | str = "cpu") -> CandidateStats:
+        return cls(BlockStats.zeros(hidden, device))
+
+    def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
+        """Token rows of X, h_{s-1} and h_{e-1}; Y is formed exactly as calibration forms it."""
+        self.stats.update(x, h_after - h_before + x)
+        self.stream_sq += float(h_after.to(torch.float64).square().sum())
+
+
+@dataclass
 class AngleSums:
     """Per candidate block ``[s, s+L)``: the sum over tokens of ``arccos(cos(h_{s-1}, h_{s+L-1}))``
     and the token count. The distance of a block is a mean over tokens, so it decomposes into

@@ -37,7 +37,7 @@ from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.distributed.cluster import connect, reserve, require_ray
 from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
-from replaceme.engine import BlockCapture, Estimator, angle_sums
+from replaceme.engine import BlockCapture, Estimator, Profile, angle_sums
 from replaceme.errors import ReplaceMeError
 from replaceme.planner import layer_weights, model_shape, split_stages
 from replaceme.stats import BlockStats
@@ -124,6 +124,13 @@ class RayEngine:
         self._pipelines, self._pipeline_layers = self._start_pipelines(needed_layers), needed_layers
         self.seconds["start_workers"] += time.perf_counter() - started
         return self._pipelines
+
+    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+        """The candidate blocks' distances; the stages do not gather their statistics yet, so a
+        selected block is fitted in a second pass (``candidates`` None)."""
+        if statistics:
+            log.info("engine.backend: ray profiles distances only; the selected blocks are fitted in a second pass")
+        return Profile(self.distances(block_size))
 
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
         """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later,
