@@ -221,6 +221,18 @@ class ReplaceMeConfig(_Strict):
         the solver settings shape their statistics too."""
         return self.sequential and (self.num_A > 1 or len(self.blocks or []) > 1)
 
+    @property
+    def second_pass_reason(self) -> str | None:
+        """Why blocks selected by distance cannot be fitted from the statistics the profile pass
+        gathers (every candidate's, on the unpruned stream, in memory only); None when they can."""
+        if self.method != "lstsq":
+            return f"method: {self.method} fits on the activation rows, which the profile pass does not keep"
+        if self.activations.uri is not None:
+            return "activations.uri is set: the calibration pass writes per-shard statistics (and rows) there"
+        if self.sequential and self.num_A > 1:
+            return "sequential: true fits each block after the first on the stream of the model pruned before it"
+        return None
+
     def solver_settings(self) -> dict[str, Any]:
         """Every setting that turns statistics into a map."""
         return {"method": self.method, "alpha": self.alpha, "diag": self.diag, "loss": self.loss,

@@ -41,12 +41,12 @@ from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
 from replaceme.layerwise import LayerwiseModel
-from replaceme.memory import KWARGS_CACHE_BYTES, ChunkPlan, gib, layer_temporaries, plan_chunks, resolve_budget
+from replaceme.memory import (CALIBRATION_STATES, EVALUATION_STATES, KWARGS_CACHE_BYTES, LOGITS_BYTES, BatchShape,
+                              ChunkPlan, gib, plan_pass, profile_states, resolve_budget)
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
-LOGITS_BYTES = 64 * 2**20  # float32 logits held at once by the perplexity pass, at most
 BATCHES_PER_SHARD = EngineConfig.model_fields["batches_per_shard"].default
 
 
@@ -235,23 +235,18 @@ class LocalEngine:
         resident or streamed accordingly. Cached layer arguments and (evaluation) logit slices
         take at most an eighth of the budget each."""
         m = self.model
-        itemsize = torch.empty((), dtype=m.dtype).element_size()
         widest = max(self.batches, key=lambda b: b.input_ids.numel())
-        batch_size, length = widest.input_ids.shape
-        temporaries = layer_temporaries(batch_size=batch_size, length=length, hidden=m.hidden_size,
-                                        intermediate=m.intermediate_size, heads=m.num_heads, dtype_bytes=itemsize)
+        shape = BatchShape(*widest.input_ids.shape, hidden=m.hidden_size, intermediate=m.intermediate_size,
+                           heads=m.num_heads, dtype_bytes=torch.empty((), dtype=m.dtype).element_size())
         layer_bytes = [m.layer_bytes(i) for i in layers]
         for other in others:
             layer_bytes += [other.model.layer_bytes(i) for i in range(other.model.num_layers)]
-        budget = resolve_budget(self.memory_budget, m.device)
-        kwargs_limit = min(KWARGS_CACHE_BYTES, budget // 8)
-        logits_limit = min(LOGITS_BYTES, budget // 8) if what == "evaluation" else 0
-        plan = plan_chunks(budget=budget, layer_bytes=layer_bytes,
-                           batch_bytes=states * widest.input_ids.numel() * m.hidden_size * itemsize,
-                           fixed_bytes=fixed_bytes + temporaries + kwargs_limit + 2 * logits_limit,
-                           num_batches=len(self.batches), batches_per_shard=self.batches_per_shard, what=what)
+        plan = plan_pass(shape, budget=resolve_budget(self.memory_budget, m.device), layer_bytes=layer_bytes,
+                         states=states, fixed_bytes=fixed_bytes + m.embedding_bytes(), num_batches=len(self.batches),
+                         batches_per_shard=self.batches_per_shard, what=what, kwargs_cache=KWARGS_CACHE_BYTES,
+                         logits=LOGITS_BYTES if what == "evaluation" else 0)
         for engine in (self, *others):
-            engine._shared.kwargs_limit, engine._shared.logits_limit = kwargs_limit, logits_limit
+            engine._shared.kwargs_limit, engine._shared.logits_limit = plan.kwargs_bytes, plan.logits_bytes
             engine._keep_resident(plan.resident, set(layers) if engine is self else None)
         self.last_plan = plan
         log.info("%s pass: %s", what, plan.describe())
@@ -304,8 +299,8 @@ class LocalEngine:
                             "a %s budget (engine.memory_budget); the blocks are fitted in a second pass", count,
                             gib(need), gib(budget))
                 need = 0
-        states = block_size + 3 + (block_size + 1 if candidates else 0)
-        plan = self.plan(range(n), states=states, fixed_bytes=need, what="profile")
+        plan = self.plan(range(n), states=profile_states(block_size, candidates is not None), fixed_bytes=need,
+                         what="profile")
         chunks = self.chunks(plan)
         with self._bar(n * len(chunks), "profile") as bar:
             for chunk in chunks:
@@ -369,7 +364,7 @@ class LocalEngine:
                           sequential: bool) -> list[tuple[BlockCapture, torch.Tensor]]:
         last = max(e for _, e in blocks)
         fixed = len(blocks) * 2 * self.model.hidden_size ** 2 * 8
-        chunks = self.chunks(self.plan(range(last), states=4, fixed_bytes=fixed))
+        chunks = self.chunks(self.plan(range(last), states=CALIBRATION_STATES, fixed_bytes=fixed))
         sweeps = len(blocks) if sequential and len(chunks) > 1 else 1
         results, transforms = [], {}
         with self._bar(last * len(chunks) * sweeps, "calibrate") as bar:
@@ -451,7 +446,7 @@ class LocalEngine:
         kept = [[i for i in range(shared, e.model.num_layers) if e is not self or i not in skip] for e in models]
         heads = [e.model.head() for e in models]
         head_bytes = sum(_module_bytes(m) for head in heads for m in head)
-        plan = self.plan(range(shared if not include_self else self.model.num_layers), states=3,
+        plan = self.plan(range(shared if not include_self else self.model.num_layers), states=EVALUATION_STATES,
                          fixed_bytes=head_bytes, what="evaluation", others=others)
         views = [self.chunks(plan)] + [[o._subset(c.batch_ids) for c in self.chunks(plan)] for o in others]
         totals = [[0.0, 0] for _ in models]

@@ -105,6 +105,11 @@ class LayerwiseModel:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return sum(p.numel() for p in self._meta_layers[index].parameters()) * itemsize
 
+    def embedding_bytes(self) -> int:
+        """The input embeddings at the compute dtype (loaded by :meth:`embed` and kept)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self._base.embed_tokens.weight.numel() * itemsize
+
     @property
     def intermediate_size(self) -> int:
         return int(getattr(self.hf_config, "intermediate_size", None) or 4 * self.hidden_size)

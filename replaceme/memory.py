@@ -30,6 +30,7 @@ from replaceme.errors import ReplaceMeError
 AUTO_SHARE = 0.6  # of the memory free when a pass starts, for engine.memory_budget: auto
 RESIDENT_CHUNK_BYTES = 2 * 2**30
 KWARGS_CACHE_BYTES = 512 * 2**20  # cached per-layer arguments (masks, rotary tables), at most
+LOGITS_BYTES = 64 * 2**20  # float32 logits held at once by the evaluation, at most
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _MEMINFO = Path("/proc/meminfo")
@@ -79,6 +80,8 @@ class ChunkPlan:
     batch_bytes: int  # hidden states one batch holds during the pass
     chunk_batches: int
     num_batches: int
+    kwargs_bytes: int = 0  # of fixed_bytes: cached layer arguments
+    logits_bytes: int = 0  # of fixed_bytes: one slice of float32 logits (evaluation)
 
     @property
     def num_chunks(self) -> int:
@@ -96,8 +99,55 @@ class ChunkPlan:
                 f"about {gib(self.peak_bytes)} of a {gib(self.budget)} budget")
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """What one batch of a pass holds, from the model's shape and the batches' size."""
+
+    batch_size: int
+    length: int
+    hidden: int
+    intermediate: int
+    heads: int
+    dtype_bytes: int
+
+    def state_bytes(self) -> int:
+        """One hidden state of the batch (every token, padding included)."""
+        return self.batch_size * self.length * self.hidden * self.dtype_bytes
+
+    def layer_temporaries(self) -> int:
+        """What one decoder layer allocates while it runs the batch: the MLP's gate, up and
+        activation outputs, Q/K/V/attention outputs, and the attention scores (float32 when not fused)."""
+        tokens = self.batch_size * self.length
+        return (tokens * (3 * self.intermediate + 4 * self.hidden) * self.dtype_bytes
+                + self.batch_size * self.heads * self.length ** 2 * 4)
+
+
+def profile_states(block_size: int, statistics: bool) -> int:
+    """Hidden states per token the profile pass holds: the window of the last L+1 layers' rows (and
+    their X taps, for the candidates' statistics), the layer's input and its output."""
+    return block_size + 3 + (block_size + 1 if statistics else 0)
+
+
+CALIBRATION_STATES = 4  # h_{s-1}, X, the block's output, the layer's output
+EVALUATION_STATES = 3  # the shared prefix, the stream, the layer's output
+
+
+def plan_pass(shape: BatchShape, *, budget: int, layer_bytes: list[int], states: int, fixed_bytes: int,
+              num_batches: int, batches_per_shard: int = 1, what: str = "calibration",
+              kwargs_cache: int = KWARGS_CACHE_BYTES, logits: int = 0) -> ChunkPlan:
+    """A pass's chunk plan: ``states`` hidden states per token alive, ``fixed_bytes`` of its own
+    (accumulators, LM heads) next to one layer's temporaries, and cached layer arguments and logit
+    slices that take at most an eighth of the budget each."""
+    kwargs_bytes, logits_bytes = min(kwargs_cache, budget // 8), min(logits, budget // 8)
+    fixed = fixed_bytes + shape.layer_temporaries() + kwargs_bytes + 2 * logits_bytes
+    return plan_chunks(budget=budget, layer_bytes=layer_bytes, batch_bytes=states * shape.state_bytes(),
+                       fixed_bytes=fixed, num_batches=num_batches, batches_per_shard=batches_per_shard, what=what,
+                       kwargs_bytes=kwargs_bytes, logits_bytes=logits_bytes)
+
+
 def plan_chunks(*, budget: int, layer_bytes: list[int], batch_bytes: int, fixed_bytes: int, num_batches: int,
-                batches_per_shard: int = 1, what: str = "calibration") -> ChunkPlan:
+                batches_per_shard: int = 1, what: str = "calibration", kwargs_bytes: int = 0,
+                logits_bytes: int = 0) -> ChunkPlan:
     """The chunk size (in batches) for a pass, and whether its weights stay resident."""
     weights, largest = sum(layer_bytes), max(layer_bytes, default=0)
     resident = weights + fixed_bytes + batch_bytes <= budget
@@ -114,15 +164,8 @@ def plan_chunks(*, budget: int, layer_bytes: list[int], batch_bytes: int, fixed_
     chunk = max(1, min(num_batches, room // max(batch_bytes, 1)))
     if batches_per_shard < chunk < num_batches:  # whole data shards, so a chunk never splits one
         chunk -= chunk % batches_per_shard
-    return ChunkPlan(budget, weights, largest, resident, fixed_bytes, batch_bytes, int(chunk), num_batches)
-
-
-def layer_temporaries(*, batch_size: int, length: int, hidden: int, intermediate: int, heads: int,
-                      dtype_bytes: int) -> int:
-    """What one decoder layer allocates while it runs one batch: the MLP's gate, up and activation
-    outputs, Q/K/V/attention outputs, and the attention scores (float32 when not fused)."""
-    tokens = batch_size * length
-    return tokens * (3 * intermediate + 4 * hidden) * dtype_bytes + batch_size * heads * length * length * 4
+    return ChunkPlan(budget, weights, largest, resident, fixed_bytes, batch_bytes, int(chunk), num_batches,
+                     kwargs_bytes, logits_bytes)
 
 
 def gib(nbytes: float) -> str:

@@ -50,6 +50,8 @@ from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
+from replaceme.memory import (AUTO_SHARE, CALIBRATION_STATES, EVALUATION_STATES, LOGITS_BYTES, BatchShape, gib,
+                              parse_size, plan_pass, profile_states, resolve_budget)
 
 Block = tuple[int, int]
 GB = 10**9
@@ -66,6 +68,8 @@ class ModelShape:
     num_layers: int
     hidden_size: int
     attention_width: int  # heads × head_dim: the width of QKᵀ and of the attention-weighted values
+    num_heads: int
+    intermediate_size: int
     checkpoint_dtype: str
     embedding_params: int
     layer_params: tuple[int, ...]
@@ -101,6 +105,36 @@ class FlopsPlan:
 
 
 @dataclass(frozen=True)
+class PassPlan:
+    """One pass of the in-process engine under the budget (see :mod:`replaceme.memory`)."""
+
+    name: str
+    layers: int
+    batches: int
+    chunks: int
+    chunk_batches: int
+    resident: bool
+    weights_bytes: int
+    fixed_bytes: int
+    batch_bytes: int
+    peak_bytes: int
+    least_bytes: int  # weights streamed, one batch per chunk
+
+
+@dataclass(frozen=True)
+class InProcessPlan:
+    budget_bytes: int
+    budget_source: str
+    compute_dtype: str
+    compute_dtype_reason: str
+    one_pass: bool  # the profile pass gathers the statistics the fit needs
+    second_pass_reason: str | None
+    passes: list[PassPlan]
+    fits: bool
+    least_bytes: int  # the budget below which some pass cannot run at all
+
+
+@dataclass(frozen=True)
 class Plan:
     model_path: str
     model: ModelShape
@@ -124,6 +158,7 @@ class Plan:
     every_stage_fits: bool
     activation_store: StorePlan | None
     flops: FlopsPlan
+    in_process: InProcessPlan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +184,8 @@ def model_shape(model_config: dict[str, Any], field: str = "model_path") -> Mode
         num_layers=len(decoder.layers),
         hidden_size=hf.hidden_size,
         attention_width=hf.num_attention_heads * head_dim,
+        num_heads=hf.num_attention_heads,
+        intermediate_size=getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
         checkpoint_dtype=_checkpoint_dtype(model_config, field),
         embedding_params=decoder.embed_tokens.weight.numel(),
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in decoder.layers),
@@ -271,6 +308,7 @@ def build_plan(model_config: dict[str, Any], config: ReplaceMeConfig, *, tokens:
         gpu_memory_gb=gpu_memory_gb, every_stage_fits=all(s.fits_one_gpu for s in stages),
         activation_store=_store(config, shape.hidden_size, num_blocks, total_tokens, shards),
         flops=_flops(shape, needed, total_tokens, config.max_length),
+        in_process=_in_process(shape, config, blocks, needed, batches),
     )
 
 
@@ -310,6 +348,67 @@ def _store(config: ReplaceMeConfig, hidden: int, blocks: int, tokens: int, shard
     rows = blocks * tokens * STORE_COLUMNS * hidden * STORE_BYTES if config.activations.save_rows else 0
     statistics = blocks * shards * ACCUMULATOR_BYTES_PER_HIDDEN2 * hidden**2
     return StorePlan(config.activations.uri, rows, statistics, rows + statistics)
+
+
+def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] | None, needed: int,
+                batches: int) -> InProcessPlan:
+    """The in-process engine's passes under ``engine.memory_budget``, with the engine's own arithmetic."""
+    dtype, reason = _local_dtype(config, shape.checkpoint_dtype)
+    itemsize = FLOAT_DTYPES[dtype].itemsize
+    if config.engine.memory_budget == "auto":
+        budget = resolve_budget("auto", torch.device("cpu"))
+        source = f"auto: {AUTO_SHARE:.0%} of the memory free on this machine now (a run resolves it where it runs)"
+    else:
+        budget, source = parse_size(config.engine.memory_budget), "engine.memory_budget"
+    h, n = shape.hidden_size, shape.num_layers
+    layer_bytes = [p * itemsize for p in shape.layer_params]
+    embedding = shape.embedding_params * itemsize
+    accumulators = 2 * h * h * 8
+    one_pass = blocks is None and config.second_pass_reason is None
+    passes = []
+    if blocks is None:  # profile
+        candidates = (n - config.layers_to_skip) * accumulators if one_pass else 0
+        passes.append(("profile", layer_bytes, batches, config.batch_size, config.max_length,
+                       profile_states(config.layers_to_skip, one_pass), candidates + embedding, 0))
+    if not one_pass:
+        passes.append(("calibrate", layer_bytes[:needed], batches, config.batch_size, config.max_length,
+                       CALIBRATION_STATES, len(blocks or range(config.num_A)) * accumulators + embedding, 0))
+    if config.eval is not None:
+        e = config.eval
+        removed = sum(end - start for start, end in blocks) if blocks else config.num_A * config.layers_to_skip
+        eval_batches = math.ceil((e.dataset_size or batches * config.batch_size) / (e.batch_size or config.batch_size))
+        heads = 2 * (shape.embedding_params * itemsize + h * itemsize)  # source and pruned LM heads (as wide as the embeddings)
+        passes.append(("evaluate", layer_bytes + layer_bytes[:n - removed], eval_batches,
+                       e.batch_size or config.batch_size, e.max_length or config.max_length, EVALUATION_STATES,
+                       heads + embedding, LOGITS_BYTES))
+    plans = [_pass_plan(shape, itemsize, budget, *p, config.engine.batches_per_shard) for p in passes]
+    return InProcessPlan(budget, source, dtype, reason, one_pass, None if blocks else config.second_pass_reason,
+                         plans, all(p.peak_bytes <= budget for p in plans), max((p.least_bytes for p in plans), default=0))
+
+
+def _pass_plan(shape: ModelShape, itemsize: int, budget: int, name: str, layer_bytes: list[int], batches: int,
+               batch_size: int, length: int, states: int, fixed: int, logits: int, batches_per_shard: int) -> PassPlan:
+    batch = BatchShape(batch_size, length, shape.hidden_size, shape.intermediate_size, shape.num_heads, itemsize)
+    least = plan_pass(batch, budget=2**62, layer_bytes=[max(layer_bytes)], states=states, fixed_bytes=fixed,
+                      num_batches=1, what=name, logits=logits)
+    least_bytes = least.peak_bytes - least.kwargs_bytes - 2 * least.logits_bytes  # those shrink with the budget
+    try:
+        p = plan_pass(batch, budget=budget, layer_bytes=layer_bytes, states=states, fixed_bytes=fixed,
+                      num_batches=batches, batches_per_shard=batches_per_shard, what=name, logits=logits)
+    except ReplaceMeError:  # the budget cannot hold one batch: shown as not fitting
+        return PassPlan(name, len(layer_bytes), batches, 0, 0, False, sum(layer_bytes), least.fixed_bytes,
+                        least.batch_bytes, least_bytes, least_bytes)
+    return PassPlan(name, len(layer_bytes), batches, p.num_chunks, p.chunk_batches, p.resident, p.weights_bytes,
+                    p.fixed_bytes, p.batch_bytes, p.peak_bytes, least_bytes)
+
+
+def _local_dtype(config: ReplaceMeConfig, checkpoint_dtype: str) -> tuple[str, str]:
+    """The in-process engine's compute dtype (``layerwise.resolve_dtype`` on ``device``)."""
+    if config.compute_dtype != "auto":
+        return config.compute_dtype, "compute_dtype"
+    if config.device == "cuda":
+        return checkpoint_dtype, "checkpoint dtype on device: cuda"
+    return "float32", "auto: float32 on CPU; set device: cuda for the checkpoint dtype on a GPU"
 
 
 def _flops(shape: ModelShape, needed: int, tokens: int, max_length: int) -> FlopsPlan:
@@ -358,8 +457,34 @@ def format_plan(result: Plan) -> str:
         f"store        {_format_store(p.activation_store)}",
         f"flops        {p.flops.total:.3e} forward = matmul {p.flops.matmul:.3e} (2 × linear weights × tokens) "
         f"+ attention {p.flops.attention:.3e} (4 × tokens × max_length × d_attn {m.attention_width} × {p.needed_layers} layers)",
+        "",
+        *_format_in_process(p.in_process),
     ]
     return "\n".join(lines)
+
+
+def _format_in_process(plan: InProcessPlan) -> list[str]:
+    """The in-process engine (engine.backend: local) under its budget, pass by pass."""
+    fit = "fits" if plan.fits else f"does NOT fit: raise it to at least {gib(max(p.least_bytes for p in plan.passes))}"
+    lines = [f"in-process   engine.backend: local in {gib(plan.budget_bytes)} ({plan.budget_source}), "
+             f"compute dtype {plan.compute_dtype} ({plan.compute_dtype_reason}): {fit}"]
+    if plan.one_pass:
+        lines.append("             one pass: the profile pass gathers every candidate block's statistics, no calibrate pass")
+    elif plan.second_pass_reason:
+        lines.append(f"             two passes: {plan.second_pass_reason}")
+    for p in plan.passes:
+        if p.chunks == 0:
+            lines.append(f"  {p.name:<10} cannot run in this budget: needs at least {gib(p.least_bytes)} "
+                         f"(weights streamed, one batch per chunk)")
+            continue
+        weights = "resident" if p.resident else "streamed (re-read per chunk)"
+        lines.append(f"  {p.name:<10} {p.layers} layers, weights {gib(p.weights_bytes)} {weights}; {p.chunks:,} chunk(s) "
+                     f"of {p.chunk_batches:,} batch(es) of {gib(p.batch_bytes)}; fixed {gib(p.fixed_bytes)}; "
+                     f"peak ≈ {gib(p.peak_bytes)} (least {gib(p.least_bytes)})")
+    lines.append("             fixed = accumulators (2 × hidden² × 8 per block, per candidate in one pass) + embeddings "
+                 "(+ LM heads) + one layer's temporaries + cached arguments; a batch = hidden states alive × "
+                 "batch_size × max_length × hidden × dtype bytes")
+    return lines
 
 
 def _gb(nbytes: float) -> str:

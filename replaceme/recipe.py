@@ -202,7 +202,7 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
             distances = reusable_distances(saved, c.distances_path, block_size=c.layers_to_skip, model_digest=model_digest)
             log.info("reusing block distances from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
-            two_passes = two_pass_reason(c)
+            two_passes = c.second_pass_reason
             if two_passes:
                 log.info("profile: the selected blocks will be fitted in a second pass: %s", two_passes)
             result = ctx.engine.profile(c.layers_to_skip, statistics=two_passes is None)
@@ -235,22 +235,9 @@ def _read_distances(ctx: Context) -> str | None:
     return fs.cat_file(path).decode() if fs.exists(path) else None
 
 
-def two_pass_reason(config: ReplaceMeConfig) -> str | None:
-    """Why the blocks cannot be fitted from the statistics the profile pass gathers (None: they can).
-    Those are every candidate's statistics on the unpruned stream, kept in memory only."""
-    c = config
-    if c.method != "lstsq":
-        return f"method: {c.method} fits on the activation rows, which the profile pass does not keep"
-    if c.activations.uri is not None:
-        return "activations.uri is set: the calibration pass writes per-shard statistics (and rows) there"
-    if c.sequential and c.num_A > 1:
-        return "sequential: true fits each block after the first on the stream of the model pruned before it"
-    return None
-
-
 def profiled_statistics(ctx: Context, out: OutputDir, blocks: list[Block]) -> dict[Block, BlockStats] | None:
     """The blocks' statistics the profile pass of this output gathered, when they serve these settings."""
-    if two_pass_reason(ctx.config) is not None:
+    if ctx.config.second_pass_reason is not None:
         return None
     names = {b: f"{PROFILED_STATISTICS}/stats-{b[0]}-{b[1]}.safetensors" for b in blocks}
     if not all(out.exists(name) for name in names.values()):

@@ -177,3 +177,57 @@ def test_missing_config_json_unsupported_family_and_unfoldable_map(tmp_path):
     (empty / "config.json").write_text(json.dumps({**LLAMA3_70B, "model_type": "gemma2"}))
     with pytest.raises(ReplaceMeError, match=r"^diag: gemma2 normalises the MLP output"):  # the run would refuse it
         plan(config(empty, dataset_size=8))
+
+
+# --- the in-process engine's memory ---------------------------------------------------------------
+
+LLAMA3_8B = {**LLAMA3_70B, "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+             "num_attention_heads": 32}
+
+
+def test_paper_reproduction_shape_fits_64_gb_in_process(tmp_path):
+    """The paper's settings (8,000 texts × 1,024 tokens, 8 of 32 layers) on an 8B-shaped config."""
+    folder = tmp_path / "llama-3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
+    p = plan(config(folder, dataset_size=8000, max_length=1024, batch_size=8, layers_to_skip=8,
+                    engine=dict(memory_budget="64GB"))).in_process
+    assert p.budget_bytes == 64 * 10**9 and p.fits and p.one_pass
+    (profile,) = p.passes
+    h = 4096
+    # q and o h², k and v h/4 wide (8 KV heads of 128), the MLP, two norms; float32 on CPU
+    assert profile.weights_bytes == 32 * (2 * h * h + h * h // 2 + 3 * h * 14336 + 2 * h) * 4
+    assert profile.fixed_bytes > 24 * 2 * h * h * 8  # the 24 candidates' XᵀX and XᵀY, among others
+    assert profile.resident and profile.peak_bytes <= 64 * 10**9 < profile.peak_bytes + profile.batch_bytes * 30
+
+
+def test_too_small_a_budget_names_the_least_that_runs(model_dir, capsys, tmp_path):
+    path = write_config(tmp_path / "job.yaml", model_path=str(model_dir), dataset="never-read.jsonl",
+                        dataset_size=64, max_length=512, layers_to_skip=8, engine=dict(memory_budget="8GB"))
+    assert main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "in-process   engine.backend: local in 7.45 GiB (engine.memory_budget)" in out
+    assert "does NOT fit: raise it to at least" in out and "profile    cannot run in this budget" in out
+
+
+def test_plan_uses_the_engines_arithmetic(tmp_path, tiny_llama):
+    """The planner's profile pass equals the engine's own plan for the same budget and full batches."""
+    import torch
+
+    from conftest import CALIB
+    from replaceme import recipe
+
+    values = dict(model_path=str(tiny_llama), dataset=str(CALIB), dataset_size=24, max_length=32, batch_size=4,
+                  layers_to_skip=2, output_dir=str(tmp_path / "out"), engine=dict(memory_budget="1.6MB"))
+    planned = plan(validate_config(values)).in_process.passes[0]
+    ctx = recipe.Context(validate_config(values), progress=False)
+    assert all(b.input_ids.shape == (4, 32) for b in ctx.batches)
+    engine = recipe.calibration_engine(ctx)
+    engine.profile(2, statistics=True)
+    real = engine.last_plan
+    assert real.num_chunks > 1 and not real.resident  # the test covers chunks and streamed weights
+    assert (planned.chunks, planned.chunk_batches, planned.resident, planned.weights_bytes, planned.fixed_bytes,
+            planned.batch_bytes, planned.peak_bytes) == (real.num_chunks, real.chunk_batches, real.resident,
+                                                         real.weights_bytes, real.fixed_bytes, real.batch_bytes,
+                                                         real.peak_bytes)
+    assert torch.get_default_dtype() == torch.float32
