@@ -284,21 +284,10 @@ class LocalEngine:
         statistics, X of layer j-L) of every batch of the chunk when ``h_j`` is computed, so the
         rows after the last L+1 layers of one chunk stay in memory — never those of the whole set.
         """
-        n, hidden = self.model.num_layers, self.model.hidden_size
+        n = self.model.num_layers
         angles = angle_sums(block_size, n)
-        candidates, need = None, 0
-        if statistics:
-            count = n - block_size
-            need = count * 2 * hidden * hidden * 8
-            budget = resolve_budget(self.memory_budget, self.model.device)
-            if need <= budget // 2:
-                device = self.model.device
-                candidates = {(s, s + block_size): CandidateStats.zeros(hidden, device) for s in range(1, count + 1)}
-            else:
-                log.warning("not gathering the %d candidate blocks' statistics in the profile pass: they take %s of "
-                            "a %s budget (engine.memory_budget); the blocks are fitted in a second pass", count,
-                            gib(need), gib(budget))
-                need = 0
+        candidates = self._candidate_sums(block_size) if statistics else None
+        need = len(candidates or ()) * 2 * self.model.hidden_size ** 2 * 8
         plan = self.plan(range(n), states=profile_states(block_size, candidates is not None), fixed_bytes=need,
                          what="profile")
         chunks = self.chunks(plan)
@@ -306,6 +295,17 @@ class LocalEngine:
             for chunk in chunks:
                 chunk._profile_chunk(angles, candidates, bar)
         return Profile(angles.distances(), candidates)
+
+    def _candidate_sums(self, block_size: int) -> dict[Block, CandidateStats] | None:
+        """Empty statistics of every candidate block, or None when they would take over half the budget."""
+        hidden, count = self.model.hidden_size, self.model.num_layers - block_size
+        need, budget = count * 2 * hidden * hidden * 8, resolve_budget(self.memory_budget, self.model.device)
+        if need > budget // 2:
+            log.warning("not gathering the %d candidate blocks' statistics in the profile pass: they take %s of a %s "
+                        "budget (engine.memory_budget); the blocks are fitted in a second pass", count, gib(need),
+                        gib(budget))
+            return None
+        return {(s, s + block_size): CandidateStats.zeros(hidden, self.model.device) for s in range(1, count + 1)}
 
     def _profile_chunk(self, angles: AngleSums, candidates: dict[Block, CandidateStats] | None, bar: tqdm) -> None:
         n, size = self.model.num_layers, angles.block_size
