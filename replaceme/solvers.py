@@ -169,7 +169,7 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
             for chunk in rows():
                 order = torch.randperm(chunk[0].shape[0], generator=generator)
                 chunk = [c.float()[order] for c in chunk]
-                carry = chunk if carry is None else [torch.cat(pair) for pair in zip(carry, chunk)]
+                carry = chunk if carry is None else [torch.cat(pair) for pair in zip(carry, chunk, strict=True)]
                 seen += order.numel()
                 while carry[0].shape[0] >= batch_tokens and done < steps:
                     step([c[:batch_tokens] for c in carry])

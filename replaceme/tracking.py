@@ -78,7 +78,7 @@ class Tracker:
             raise
         except ConnectionError as exc:
             raise tracking_failed(self.uri, output_uri, str(exc)) from None
-        except Exception as exc:  # MLflow, HTTP, storage: the run is done, only its record failed
+        except Exception as exc:  # noqa: BLE001 - MLflow, HTTP, storage: the run is done, only its record failed
             raise tracking_failed(self.uri, output_uri, f"{type(exc).__name__}: {exc}") from None
 
     def open(self) -> None:
@@ -95,7 +95,7 @@ class Tracker:
             # the registry too: MLflow would otherwise resolve it from $MLFLOW_TRACKING_URI or its default
             client = MlflowClient(self.uri, registry_uri=self.uri)
             self._opened = client, self._experiment(client)
-        except Exception as exc:  # reported by log(), where the outputs are known
+        except Exception as exc:  # noqa: BLE001 - reported by log(), where the outputs are known
             self._error = exc
 
     def _experiment(self, client: Any) -> str:
@@ -383,7 +383,8 @@ class TrackerProcess:
         try:
             result = json.loads(answer.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise tracking_failed(self.uri, output_uri, f"the tracking process exited with {self.process.returncode}")
+            raise tracking_failed(self.uri, output_uri,
+                                  f"the tracking process exited with {self.process.returncode}") from None
         if "error" in result:
             raise TrackingError(result["error"])
         return result["run_id"]
