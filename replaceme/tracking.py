@@ -71,6 +71,7 @@ class Tracker:
         try:
             if self._error is not None:
                 raise self._error
+            assert self._opened is not None  # open() sets one of the two
             client, experiment_id = self._opened
             return _Recorder(client, experiment_id, self.settings, out, json.loads(report_text),
                              _digest(report_text)).record()
@@ -375,6 +376,7 @@ class TrackerProcess:
         with _sigint_ignored():  # inherited through exec: Python leaves an ignored SIGINT ignored
             self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None  # stdin=PIPE
         self.process.stdin.write(json.dumps(_revealed(config)) + "\n")
         self.process.stdin.flush()
 
