@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' loopback S3 server
-from s3_server import CLEARED, start_server, stop_server  # noqa: E402
+from s3_server import CLEARED, start_server, stop_server
 
 BLOCK = (8, 12)
 CHUNK_ROWS = 1024  # tokens per write() call, as one calibration micro-batch (e.g. 4 × 256 tokens)
@@ -49,7 +50,8 @@ def dummy_credentials() -> None:
 # --- memory ----------------------------------------------------------------------------------------
 
 def _status_mb(key: str) -> float:
-    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    with open("/proc/self/status") as status:
+        line = next(row for row in status if row.startswith(key + ":"))
     return int(line.split()[1]) / 1024
 
 
@@ -113,7 +115,7 @@ def verify_pass(store) -> dict:
     started = time.perf_counter()
     store.verify(BLOCK)
     seconds = time.perf_counter() - started
-    user, system = (after - before for after, before in zip(cpu_seconds(), cpu))
+    user, system = (after - before for after, before in zip(cpu_seconds(), cpu, strict=True))
     return {"seconds": seconds, "user": user, "system": system}
 
 
@@ -125,11 +127,11 @@ def read_pass(store, verify: bool, expected_rows: int, first_chunk) -> dict:
         first = (x, y, residual) if first is None else first
         total += x.shape[0]
     seconds = time.perf_counter() - started
-    user, system = (after - before for after, before in zip(cpu_seconds(), cpu))
+    user, system = (after - before for after, before in zip(cpu_seconds(), cpu, strict=True))
     if total != expected_rows:
         raise RuntimeError(f"read {total} rows back, wrote {expected_rows}")
     n = min(CHUNK_ROWS, first[0].shape[0])
-    for got, wrote in zip(first, first_chunk):  # the rows come back as float16-rounded float32
+    for got, wrote in zip(first, first_chunk, strict=True):  # the rows come back as float16-rounded float32
         if not torch.equal(got[:n], wrote[:n].half().float()):
             raise RuntimeError("rows read back differ from the rows written")
     return {"seconds": seconds, "user": user, "system": system}
@@ -154,7 +156,7 @@ def ceilings(pool: list, hidden: int, rows: int) -> dict:
     [[t.to(torch.float16) for t in chunk] for chunk in chunks]
     convert_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    halves = [[converter._half(name, t) for name, t in zip(COLUMNS, chunk)] for chunk in chunks]
+    halves = [[converter._half(name, t) for name, t in zip(COLUMNS, chunk, strict=True)] for chunk in chunks]
     half_seconds = time.perf_counter() - started
     half_bytes = sum(t.numel() * 2 for chunk in halves for t in chunk)
     data = pa.table({name: _to_arrow(torch.cat([chunk[i] for chunk in halves])[:rows]) for i, name in enumerate(COLUMNS)})
@@ -188,7 +190,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096, help="token rows per shard")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pool", type=int, default=3, help="distinct random chunks of %d rows cycled" % CHUNK_ROWS)
+    parser.add_argument("--pool", type=int, default=3, help=f"distinct random chunks of {CHUNK_ROWS} rows cycled")
     parser.add_argument("--no-record", action="store_true", help="print the tables only")
     args = parser.parse_args()
     dummy_credentials()
@@ -218,7 +220,7 @@ def main() -> None:
         results: dict[str, dict[str, list]] = {name: {"write": [], "read_first": [], "verify": [], "read_verify": [], "read": []} for name in backends}
         expected = args.shards * args.rows
         ceiling_rows, stages = min(args.rows, 2048), []
-        for name, (uri, endpoint_url) in backends.items():  # warm-up, not timed: first use of pyarrow, s3fs, moto
+        for uri, endpoint_url in backends.values():  # warm-up, not timed: first use of pyarrow, s3fs, moto
             store = ActivationStore(uri, "warm-up", endpoint_url=endpoint_url)
             write_pass(store, pool, 1, CHUNK_ROWS, args.hidden)
             read_pass(store, True, CHUNK_ROWS, pool[0])

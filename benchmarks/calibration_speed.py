@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
-from _record import machine, record, table
 from transformers import AutoModelForCausalLM
 
+from _record import machine, record, table
 from replaceme import recipe
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import validate_config

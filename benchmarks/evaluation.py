@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 from _setup import random_llama
-
 from replaceme import engine as engine_module
 from replaceme import peak_memory, recipe
 from replaceme.checkpoint import Checkpoint

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 from _setup import random_llama, start_ray
-
 from replaceme import recipe
 from replaceme.config import validate_config
 

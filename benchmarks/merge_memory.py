@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 
 CHILD = """

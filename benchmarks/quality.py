@@ -15,7 +15,6 @@ import argparse
 import tempfile
 
 from _record import machine, record, table
-
 from replaceme import recipe
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import validate_config

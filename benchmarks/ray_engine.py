@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 from _setup import random_llama, start_ray
-
 from replaceme import recipe
 from replaceme.config import EngineConfig, validate_config
 from replaceme.engine import LocalEngine

@@ -92,7 +92,7 @@ def _parser(step: Step) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key; the value is parsed as YAML (repeatable)")
     parser.add_argument("--output", metavar="URI", help="output folder (replaces output_dir)")
-    parser.add_argument("--force", action="store_true", help="run even when steps/%s.json says it is done" % step.name)
+    parser.add_argument("--force", action="store_true", help=f"run even when steps/{step.name}.json says it is done")
     parser.add_argument("--pipeline-run-id", metavar="ID",
                         help=f"the Kubeflow run this step belongs to (exported as ${PIPELINE_RUN_ENV})")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

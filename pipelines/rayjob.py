@@ -85,7 +85,8 @@ def wait_for_rayjob(api: Any, name: str, namespace: str, *, timeout_s: float, po
     did not end within ``timeout_s``."""
     from kubernetes.client.exceptions import ApiException
 
-    deadline, seen, status = clock() + timeout_s, None, {}
+    deadline, seen = clock() + timeout_s, None
+    status: dict[str, Any] = {}
     while True:
         try:
             status = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}

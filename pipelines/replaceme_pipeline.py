@@ -24,8 +24,9 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 @component
 def resolve_config(config_uri: str, model_uri: str, data_uri: str, eval_uri: str, output_uri: str, blocks: str,
                    layers_to_skip: int, num_blocks: int, method: str, alpha: float, mlflow_tracking_uri: str,
-                   mlflow_experiment: str, register_as: str, engine: str, s3_endpoint_url: str,
-                   pipeline_run_id: str) -> NamedTuple("Resolved", [("config_uri", str), ("output_uri", str)]):
+                   mlflow_experiment: str, register_as: str, engine: str, s3_endpoint_url: str, pipeline_run_id: str
+                   # kfp's documented form for several outputs; mypy only knows the class form
+                   ) -> NamedTuple("Resolved", [("config_uri", str), ("output_uri", str)]):  # type: ignore[valid-type]
     """Validate the parameters and write <output_uri>/config.yaml for the steps."""
     from pipelines.steps import resolve_config as resolve
 

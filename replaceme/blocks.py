@@ -17,7 +17,7 @@ Block = tuple[int, int]
 
 def check_blocks(blocks: Sequence[Block], num_layers: int, merge_consecutive: bool) -> list[Block]:
     """Validate explicit blocks against the model; merge touching blocks when allowed."""
-    blocks = sorted(tuple(b) for b in blocks)
+    blocks = sorted((start, end) for start, end in blocks)  # YAML gives lists
     for start, end in blocks:
         if end - start >= num_layers:
             raise ReplaceMeError(f"blocks: [{start}, {end}] would remove {end - start} of the model's {num_layers} layers")

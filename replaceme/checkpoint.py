@@ -14,9 +14,10 @@ import json
 import pickle
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -103,7 +104,7 @@ class Checkpoint:
     def _check_exists(self) -> None:
         try:
             exists = self.fs.isdir(self.root)
-        except Exception as exc:  # storage errors (auth, endpoint) surface here first
+        except Exception as exc:  # noqa: BLE001 - storage errors (auth, endpoint) surface here first
             raise ReplaceMeError(f"{self.field}: cannot reach {self.uri}: {exc}") from None
         if not exists:
             raise ReplaceMeError(f"{self.field}: {self.uri} is not a directory; point it at a Hugging Face checkpoint folder")

@@ -76,8 +76,7 @@ def load_texts(
         path = os.path.expanduser(source)
         if not os.path.exists(path):
             if _looks_like_hf_id(source):
-                values = _hf_values(source, column, split, field)
-                return _finish(values, size, tokenizer, field, source, column)
+                return _finish(_hf_values(source, column, split, field), size, tokenizer, field, source, column)
             relative = "" if os.path.isabs(path) else f" (relative to {os.getcwd()!r})"
             raise ReplaceMeError(
                 f"{field}: file {source!r} does not exist{relative}; "

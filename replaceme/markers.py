@@ -26,7 +26,7 @@ from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
 
 STEPS = ("profile", "calibrate", "solve", "merge", "evaluate", "register")
-UPSTREAM = dict(zip(STEPS[1:], STEPS))
+UPSTREAM = dict(zip(STEPS[1:], STEPS[:-1], strict=True))
 DOWNSTREAM = {step: STEPS[STEPS.index(step) + 1:] for step in STEPS}
 
 _DATA = ("model_path", "dataset", "dataset_column", "dataset_size", "dataset_subset", "batch_size", "max_length")

@@ -20,8 +20,16 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from replaceme.checkpoint import (INDEX_FILE, DTYPE_NAMES, Checkpoint, SafetensorsWriter, TensorEntry,
-                                  iter_layer_indices, tensor_from_bytes, tensor_to_bytes)
+from replaceme.checkpoint import (
+    DTYPE_NAMES,
+    INDEX_FILE,
+    Checkpoint,
+    SafetensorsWriter,
+    TensorEntry,
+    iter_layer_indices,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
 from replaceme.families import Family, family_for, prune_config
 
 Block = tuple[int, int]

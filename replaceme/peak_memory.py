@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -12,10 +13,8 @@ _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 def reset_peak() -> None:
     """Start a new high-water mark, so the next reading covers one step, not the whole process."""
-    try:
+    with suppress(OSError):  # elsewhere the reading stays the process-wide peak
         _CLEAR_REFS.write_text("5")  # Linux: resets VmHWM to the current RSS
-    except OSError:
-        pass  # elsewhere the reading stays the process-wide peak
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 

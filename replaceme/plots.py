@@ -42,7 +42,7 @@ def plot_runs(names: Sequence[str], removed: Sequence[float], values: Sequence[f
     """One point per run: the fraction of layers removed against ``metric``, labelled by run name."""
     figure, axes = _pyplot().subplots(figsize=(7, 4), dpi=100)
     axes.scatter(removed, values)
-    for name, x, y in zip(names, removed, values):
+    for name, x, y in zip(names, removed, values, strict=True):
         axes.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes.set_xlabel("fraction of layers removed")
     axes.set_ylabel(metric)

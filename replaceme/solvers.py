@@ -66,22 +66,22 @@ def solve_cosine(x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, *, in
 
     everything = torch.arange(x.shape[0])
     if solver == "lbfgs":
-        optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS([param], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
-            optimizer.zero_grad()
+            lbfgs.zero_grad()
             value = objective(everything)
             value.backward()
             return value
 
-        optimizer.step(closure)
+        lbfgs.step(closure)
     else:
-        optimizer = torch.optim.Adam([param], lr=lr)
+        adam = torch.optim.Adam([param], lr=lr)
         for _ in range(steps):
             rows = torch.randint(0, x.shape[0], (min(batch_tokens, x.shape[0]),), generator=generator)
-            optimizer.zero_grad()
+            adam.zero_grad()
             objective(rows).backward()
-            optimizer.step()
+            adam.step()
     return _solved(param, diag, solver)
 
 
@@ -138,10 +138,10 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
         return ReplaceMeError("dataset: no activation rows reached the cosine solver; the calibration set is empty")
 
     if solver == "lbfgs":
-        optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS([param], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
-            optimizer.zero_grad()
+            lbfgs.zero_grad()
             total, count = 0.0, 0
             for x, y, residual in rows():
                 value = summed(x.float(), y.float(), residual.float())
@@ -150,17 +150,18 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
                 count += x.shape[0]
             if count == 0:
                 raise empty()
+            assert param.grad is not None  # backward() ran on count > 0 rows
             param.grad /= count
             return torch.tensor(total / count)
 
-        optimizer.step(closure)
+        lbfgs.step(closure)
     else:
-        optimizer = torch.optim.Adam([param], lr=lr)
+        adam = torch.optim.Adam([param], lr=lr)
 
         def step(batch: list[torch.Tensor]) -> None:
-            optimizer.zero_grad()
+            adam.zero_grad()
             (summed(*batch) / batch[0].shape[0]).backward()
-            optimizer.step()
+            adam.step()
 
         done = 0
         while done < steps:
@@ -168,8 +169,8 @@ def solve_cosine_streaming(rows: Callable[[], Iterator[Rows]], *, hidden: int, i
             carry: list[torch.Tensor] | None = None
             for chunk in rows():
                 order = torch.randperm(chunk[0].shape[0], generator=generator)
-                chunk = [c.float()[order] for c in chunk]
-                carry = chunk if carry is None else [torch.cat(pair) for pair in zip(carry, chunk)]
+                shuffled = [c.float()[order] for c in chunk]
+                carry = shuffled if carry is None else [torch.cat(pair) for pair in zip(carry, shuffled, strict=True)]
                 seen += order.numel()
                 while carry[0].shape[0] >= batch_tokens and done < steps:
                     step([c[:batch_tokens] for c in carry])

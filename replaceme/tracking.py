@@ -71,6 +71,7 @@ class Tracker:
         try:
             if self._error is not None:
                 raise self._error
+            assert self._opened is not None  # open() sets one of the two
             client, experiment_id = self._opened
             return _Recorder(client, experiment_id, self.settings, out, json.loads(report_text),
                              _digest(report_text)).record()
@@ -78,7 +79,7 @@ class Tracker:
             raise
         except ConnectionError as exc:
             raise tracking_failed(self.uri, output_uri, str(exc)) from None
-        except Exception as exc:  # MLflow, HTTP, storage: the run is done, only its record failed
+        except Exception as exc:  # noqa: BLE001 - MLflow, HTTP, storage: the run is done, only its record failed
             raise tracking_failed(self.uri, output_uri, f"{type(exc).__name__}: {exc}") from None
 
     def open(self) -> None:
@@ -95,7 +96,7 @@ class Tracker:
             # the registry too: MLflow would otherwise resolve it from $MLFLOW_TRACKING_URI or its default
             client = MlflowClient(self.uri, registry_uri=self.uri)
             self._opened = client, self._experiment(client)
-        except Exception as exc:  # reported by log(), where the outputs are known
+        except Exception as exc:  # noqa: BLE001 - reported by log(), where the outputs are known
             self._error = exc
 
     def _experiment(self, client: Any) -> str:
@@ -375,6 +376,7 @@ class TrackerProcess:
         with _sigint_ignored():  # inherited through exec: Python leaves an ignored SIGINT ignored
             self.process = subprocess.Popen([sys.executable, "-m", "replaceme.tracking"], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, text=True)
+        assert self.process.stdin is not None  # stdin=PIPE
         self.process.stdin.write(json.dumps(_revealed(config)) + "\n")
         self.process.stdin.flush()
 
@@ -383,7 +385,8 @@ class TrackerProcess:
         try:
             result = json.loads(answer.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            raise tracking_failed(self.uri, output_uri, f"the tracking process exited with {self.process.returncode}")
+            raise tracking_failed(self.uri, output_uri,
+                                  f"the tracking process exited with {self.process.returncode}") from None
         if "error" in result:
             raise TrackingError(result["error"])
         return result["run_id"]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray_cluster import ray_head, use_ray_token_auth  # noqa: F401 - session fixture, defined once here
+
 from mlflow_server import mlflow_server  # noqa: F401 - session fixture, defined once here
+from ray_cluster import ray_head, use_ray_token_auth  # noqa: F401 - session fixture, defined once here
 from s3_server import read_only_s3, s3_server  # noqa: F401 - session fixtures, defined once here
 
 use_ray_token_auth()  # before any test module imports Ray

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from processes import free_port, stop_process_group
 from s3_server import node_credentials
 

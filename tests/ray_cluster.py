@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from processes import free_port, stop_process_group
 from s3_server import node_credentials
 
@@ -55,8 +56,8 @@ def ray_head(tmp_path_factory):
     start = [ray_cli(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--num-cpus", str(HEAD_CPUS),
              "--num-gpus", "0", "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    log = open(temp_dir / "head.log", "w")
-    process = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with open(temp_dir / "head.log", "w") as log:  # the child writes to its own copy of the descriptor
+        process = subprocess.Popen(start, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     head = RayHead(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
     try:
         _wait_until_up(head, process, temp_dir / "head.log")
@@ -64,7 +65,6 @@ def ray_head(tmp_path_factory):
     finally:
         _disconnect()
         stop_process_group(process)
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

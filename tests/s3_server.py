@@ -9,6 +9,7 @@ choose the endpoint themselves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from processes import free_port
 
 ACCESS_KEY = "testing-access-key"
@@ -49,10 +51,8 @@ class S3Server:
     def create_bucket(self, name: str) -> str:
         """Create ``name`` (if absent) and return ``s3://name``."""
         client = self.client()
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
         return f"s3://{name}"
 
 

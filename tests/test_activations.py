@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from processes import free_port
-from s3_server import SECRET_KEY
 
+from processes import free_port
 from replaceme.activations import ActivationStore
 from replaceme.errors import ReplaceMeError
 from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming
 from replaceme.stats import BlockStats
+from s3_server import SECRET_KEY
 
 BLOCK = (2, 5)
 HIDDEN = 8
@@ -41,11 +41,11 @@ def fill(store: ActivationStore, shards: int = 2, batches: int = 3, n: int = 23)
                 stats.update(x, y)
                 written.append((x, y, residual))
         store.commit_shard(BLOCK, shard, stats, writer.close())
-    return [torch.cat(column) for column in zip(*written)]
+    return [torch.cat(column) for column in zip(*written, strict=True)]
 
 
 def read_all(store: ActivationStore, batch_rows: int = 16, **kwargs):
-    return [torch.cat(column) for column in zip(*store.iter_rows(BLOCK, batch_rows, **kwargs))]
+    return [torch.cat(column) for column in zip(*store.iter_rows(BLOCK, batch_rows, **kwargs), strict=True)]
 
 
 def assert_round_trip(store: ActivationStore) -> None:
@@ -53,7 +53,7 @@ def assert_round_trip(store: ActivationStore) -> None:
     expected = fill(pickle.loads(pickle.dumps(store)))  # workers get a pickled copy
     manifest = store.write_manifest(BLOCK, HIDDEN, expected_shards=2)
     assert manifest["rows"] == manifest["tokens"] == expected[0].shape[0]
-    for got, want in zip(read_all(store), expected):
+    for got, want in zip(read_all(store), expected, strict=True):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want.half().float(), rtol=0, atol=0)
     total = store.reduce_stats(BLOCK)
@@ -234,7 +234,7 @@ def problem(n: int = 300, seed: int = 0):
 
 
 def chunks(x, y, residual, size: int = 70):
-    return lambda: zip(x.split(size), y.split(size), residual.split(size))
+    return lambda: zip(x.split(size), y.split(size), residual.split(size), strict=True)
 
 
 @pytest.mark.parametrize("loss, diag", [("cosine", False), ("mse", False), ("cosine", True)])

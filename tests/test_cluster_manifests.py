@@ -82,7 +82,7 @@ def strict(node: dict, name: str = "") -> dict:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_validator(kind: str):
     """A validator for ``kind`` at the CRD's storage version (v1), apiVersion and kind pinned."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

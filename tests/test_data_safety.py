@@ -242,9 +242,9 @@ def test_s3_overwrite_keeps_the_new_output_when_the_copy_fails_and_copies_each_o
 
 def test_s3_output_lease_refuses_a_second_run_until_it_expires(s3_server, bucket, tiny_llama, monkeypatch):
     config = validate_config(s3_settings(s3_server, tiny_llama))
-    with outputs.locked("s3://safety/out", storage_options=config.storage_options("s3://safety/out")):
-        with pytest.raises(ReplaceMeError, match=r"output_dir: s3://safety/out is in use by run .* renewed \d+ s ago"):
-            recipe.run(config, progress=False)
+    with (outputs.locked("s3://safety/out", storage_options=config.storage_options("s3://safety/out")),
+          pytest.raises(ReplaceMeError, match=r"output_dir: s3://safety/out is in use by run .* renewed \d+ s ago")):
+        recipe.run(config, progress=False)
     assert not bucket.exists("safety/out") and not bucket.exists("safety/out.lock")
     stale = {"run": "dead", "host": "elsewhere", "pid": 1, "since": "2026-01-01T00:00:00+00:00", "renewed": 0}
     bucket.pipe_file("safety/out.lock", json.dumps(stale).encode())  # a run that died without releasing it

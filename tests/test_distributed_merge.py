@@ -14,12 +14,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
-from s3_server import ACCESS_KEY, SECRET_KEY
 from replaceme.checkpoint import Checkpoint
 from replaceme.distributed import merge as distributed
 from replaceme.distributed.cluster import connect
 from replaceme.families import Family
 from replaceme.merge import merge_checkpoint, plan_merge
+from s3_server import ACCESS_KEY, SECRET_KEY
 
 BLOCKS = [(2, 4), (5, 7)]
 
@@ -45,7 +45,7 @@ def single(sharded, transforms, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray(ray_head):  # noqa: F811
+def ray(ray_head):
     return connect(ray_head.address)
 
 
@@ -57,7 +57,7 @@ def assert_same_checkpoint(expected: Path, actual: Path) -> None:
     for shard in sorted(set(index.values())):
         with safe_open(expected / shard, "pt") as want, safe_open(actual / shard, "pt") as got:
             assert list(got.keys()) == list(want.keys())
-            for name in want.keys():
+            for name in want.keys():  # noqa: SIM118 - a safetensors handle: keys() but no __iter__
                 a, b = want.get_tensor(name), got.get_tensor(name)
                 assert a.dtype == b.dtype and a.shape == b.shape
                 assert a.view(-1).view(torch.uint8).numpy().tobytes() == b.view(-1).view(torch.uint8).numpy().tobytes(), name
@@ -77,7 +77,7 @@ def test_three_workers_write_what_one_process_writes(ray, sharded, transforms, s
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_reads_and_writes_s3(ray, s3_server, sharded, transforms, single, tmp_path):  # noqa: F811
+def test_reads_and_writes_s3(ray, s3_server, sharded, transforms, single, tmp_path):
     """Workers get the endpoint and credentials from the storage options, not from the driver's environment."""
     bucket = s3_server.create_bucket("merge")
     options = {"key": ACCESS_KEY, "secret": SECRET_KEY}

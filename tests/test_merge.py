@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILY_CONFIGS, build_tiny_model
-from replaceme.checkpoint import Checkpoint
 from replaceme import families
+from replaceme.checkpoint import Checkpoint
 from replaceme.families import family_for
 from replaceme.merge import merge_checkpoint
 

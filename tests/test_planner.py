@@ -16,10 +16,10 @@ from replaceme.errors import ReplaceMeError
 from replaceme.planner import plan, split_stages
 
 # --- Llama 3 70B, counted by hand ------------------------------------------------------------------
-H, I, VOCAB, LAYERS = 8192, 28672, 128256, 80
+H, INTERMEDIATE, VOCAB, LAYERS = 8192, 28672, 128256, 80
 KV = H // 8  # 8 KV heads of 128 of 64 heads: k and v project to h/8 (GQA)
 ATTENTION = H * H + 2 * H * KV + H * H  # q, k, v, o
-MLP = 3 * H * I  # gate, up, down
+MLP = 3 * H * INTERMEDIATE  # gate, up, down
 LINEAR = ATTENTION + MLP  # 855,638,016 weights that cost matmul FLOPs
 LAYER = LINEAR + 2 * H  # + input and post-attention RMSNorm
 EMBEDDINGS = VOCAB * H
@@ -28,7 +28,7 @@ ACCUMULATOR = 2 * H * H * 8  # float64 XᵀX and XᵀY of one block
 
 LLAMA3_70B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=LAYERS, hidden_size=H,
-    intermediate_size=I, num_attention_heads=64, num_key_value_heads=8, vocab_size=VOCAB, torch_dtype="bfloat16",
+    intermediate_size=INTERMEDIATE, num_attention_heads=64, num_key_value_heads=8, vocab_size=VOCAB, torch_dtype="bfloat16",
     rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192),
@@ -126,9 +126,9 @@ def test_split_stages_is_minimax_against_brute_force():
         stages = rng.randint(1, len(weights))
         ranges = split_stages(weights, stages)
         assert len(ranges) == stages and ranges[0][0] == 0 and ranges[-1][1] == len(weights)
-        assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, [*ranges[1:], (len(weights), 0)]))
+        assert all(a < b and b == c for (a, b), (c, _) in zip(ranges, [*ranges[1:], (len(weights), 0)], strict=True))
         best = min(
-            max(sum(weights[a:b]) for a, b in zip((0, *cuts), (*cuts, len(weights))))
+            max(sum(weights[a:b]) for a, b in zip((0, *cuts), (*cuts, len(weights)), strict=True))
             for cuts in itertools.combinations(range(1, len(weights)), stages - 1)
         )
         assert max(sum(weights[a:b]) for a, b in ranges) == best

@@ -68,7 +68,7 @@ def distributed(config, sequential: bool):
 
 def assert_same(expected, got) -> None:
     assert [c.block for c, _ in got] == [c.block for c, _ in expected]
-    for (want, t_want), (have, t_have) in zip(expected, got):
+    for (want, t_want), (have, t_have) in zip(expected, got, strict=True):
         assert have.stats.tokens == want.stats.tokens
         for name in ("xtx", "xty"):
             a, b = getattr(want.stats, name), getattr(have.stats, name)
@@ -96,7 +96,7 @@ def test_distances_match_the_in_process_engine(tmp_path, ray_head, replicas, sta
     with closing(recipe.calibration_engine(ctx)) as engine:
         got = engine.distances(PROFILED)
     assert [(s, e) for s, e, _ in got] == [(s, e) for s, e, _ in expected] == [(s, s + PROFILED) for s in range(1, 11)]
-    worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected, got))
+    worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected, got, strict=True))
     print("distances: largest relative difference", worst)
     assert worst <= 1e-12
 
@@ -146,7 +146,7 @@ def test_fit_on_the_unpruned_model_in_one_pass(tmp_path, ray_head):
 def assert_identical(expected, got) -> None:
     """Bit for bit: the partials are summed in shard order, whatever happened during the run."""
     assert [c.block for c, _ in got] == [c.block for c, _ in expected]
-    for (want, t_want), (have, t_have) in zip(expected, got):
+    for (want, t_want), (have, t_have) in zip(expected, got, strict=True):
         assert have.stats.tokens == want.stats.tokens
         assert have.stats.yty_trace == want.stats.yty_trace, want.block
         assert torch.equal(have.stats.xtx, want.stats.xtx), (want.block, "xtx", relative(want.stats.xtx, have.stats.xtx))
@@ -177,10 +177,10 @@ def test_sums_do_not_depend_on_the_order_shards_arrive_in(tmp_path, ray_head, mo
     ctx = recipe.Context(config, progress=False)
     runs = []
     for reorder in (False, True):
-        with shard_zero_arrives_last(monkeypatch) if reorder else nullcontext():
-            with closing(recipe.calibration_engine(ctx)) as engine:
-                runs.append((engine.distances(PROFILED),
-                             engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=True)))
+        with (shard_zero_arrives_last(monkeypatch) if reorder else nullcontext(),
+              closing(recipe.calibration_engine(ctx)) as engine):
+            runs.append((engine.distances(PROFILED),
+                         engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=True)))
     (distances, fits), (distances_reordered, fits_reordered) = runs
     assert len(ctx.batches) == 6
     assert distances_reordered == distances

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
-from conftest import BUNDLED_MODEL, CALIB, EVAL, ROOT
 from mlflow import MlflowClient
 
+from conftest import BUNDLED_MODEL, CALIB, EVAL, ROOT
 from replaceme import cli
 from replaceme.config import load_config
 from replaceme.tracking import log_output
@@ -146,7 +147,7 @@ def test_password_in_tracking_uri_is_never_shown_or_recorded(tmp_path, mlflow_se
     assert run.data.params["mlflow.tracking_uri"] == "http://alice:***@127.0.0.1:" + with_password.rsplit(":", 1)[1]
     assert "pa55word" not in logged and SECRET not in logged
     report = client.download_artifacts(run.info.run_id, "report.json", str(tmp_path))
-    assert "pa55word" not in open(report).read()
+    assert "pa55word" not in Path(report).read_text()
 
 
 def test_compare_lists_runs_and_plots(finished_output, mlflow_server, tmp_path, capsys):

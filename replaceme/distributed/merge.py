@@ -99,7 +99,8 @@ def _run(ray, task, where: _Where, jobs: list[tuple[ShardPlan, dict[str, torch.T
          timeout_s: float, cpus_per_worker: float) -> Iterator[ShardReport]:
     """The tasks' reports as they finish, with at most ``workers`` in flight; if one fails for good,
     or the caller stops, the others are cancelled (their shards are unfinished, the config unwritten)."""
-    waiting, in_flight = list(jobs), []
+    waiting = list(jobs)
+    in_flight: list[Any] = []  # Ray object refs
     try:
         while waiting or in_flight:
             while waiting and len(in_flight) < workers:
