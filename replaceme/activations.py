@@ -118,7 +118,7 @@ class ActivationStore:
         except FileNotFoundError:
             raise ReplaceMeError(f"{self.field}: cannot {what} {uri}: it does not exist (is the bucket created?); "
                                  f"create it or point {self.field} elsewhere") from None
-        except Exception as exc:  # botocore/aiohttp errors are not OSErrors
+        except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors are not OSErrors
             raise ReplaceMeError(f"{self.field}: cannot {what} {uri} ({type(exc).__name__}: {_first_line(exc)}); "
                                  "check that the storage endpoint is reachable") from None
 
@@ -193,7 +193,7 @@ class ActivationStore:
             raise ValueError(f"block {block_name(block)} shard {shard}: the part holds {part['rows']} rows but the "
                              f"statistics count {stats.tokens} tokens")
         raw = stats.to_bytes()
-        record = {
+        record: dict[str, Any] = {
             "format": FORMAT_VERSION, "block": list(block), "shard": shard, "tokens": stats.tokens,
             "stats": {"path": self.stats_relpath(block, shard), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
             "part": part,
@@ -314,7 +314,8 @@ class ActivationStore:
                         raise self._bad_part(block, part, f"it holds {reader.metadata.num_rows} rows, the manifest "
                                                           f"says {part['rows']}")
                     for batch in reader.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
-                        yield tuple(_to_tensor(batch.column(name), hidden) for name in COLUMNS)
+                        x, y, residual = (_to_tensor(batch.column(name), hidden) for name in COLUMNS)
+                        yield x, y, residual
                 except (pa.ArrowException, KeyError, ValueError) as exc:
                     raise self._bad_part(block, part, f"it is not readable Parquet ({_first_line(exc)})") from None
 
@@ -389,8 +390,8 @@ class RowWriter:
             self.hidden = hidden
         if any(t.shape != (n, self.hidden) for t in (x, y, residual)):
             raise ValueError(f"rows must all be [n, {self.hidden}]; got {[tuple(t.shape) for t in (x, y, residual)]}")
-        halves = [self._half(name, rows) for name, rows in zip(COLUMNS, (x, y, residual))]
-        for pending, half in zip(self._pending, halves):
+        halves = [self._half(name, rows) for name, rows in zip(COLUMNS, (x, y, residual), strict=True)]
+        for pending, half in zip(self._pending, halves, strict=True):
             pending.append(half)
         self._pending_rows += n
         self.rows += n
@@ -402,7 +403,7 @@ class RowWriter:
         if self._closed:
             return self._part
         self._flush(final=True)
-        if self._writer is not None:
+        if self._writer is not None and self._file is not None:  # (opened together by the first flush)
             with self.store._io("write", self.relative):
                 self._writer.close()
                 self._file.close()
@@ -441,7 +442,7 @@ class RowWriter:
         if take == 0:
             return
         columns = [torch.cat(pending) for pending in self._pending]
-        table = pa.table({name: _to_arrow(col[:take]) for name, col in zip(COLUMNS, columns)})
+        table = pa.table({name: _to_arrow(col[:take]) for name, col in zip(COLUMNS, columns, strict=True)})
         if self._writer is None:
             with self.store._io("write", self.relative):
                 path = self.store._path(self.relative)

@@ -9,10 +9,11 @@ the model's layer count live in :mod:`replaceme.blocks`.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -197,7 +198,7 @@ class ReplaceMeConfig(_Strict):
             if end <= start:
                 raise ValueError(f"[{start}, {end}] is empty; blocks are half-open [start, end) with end > start")
         ordered = sorted(blocks)
-        for (s1, e1), (s2, e2) in zip(ordered, ordered[1:]):
+        for (s1, e1), (s2, e2) in itertools.pairwise(ordered):
             if s2 < e1:
                 raise ValueError(f"[{s1}, {e1}] and [{s2}, {e2}] overlap")
         return ordered
@@ -255,6 +256,12 @@ class ReplaceMeConfig(_Strict):
         return data
 
 
+@overload
+def _absolute(path: str, *, must_exist: bool = False) -> str: ...
+@overload
+def _absolute(path: None, *, must_exist: bool = False) -> None: ...
+@overload
+def _absolute(path: str | None, *, must_exist: bool = False) -> str | None: ...
 def _absolute(path: str | None, *, must_exist: bool = False) -> str | None:
     """A local path as an absolute one; URIs (and, with ``must_exist``, names that are not local
     paths, i.e. Hub ids) as given."""

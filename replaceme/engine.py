@@ -29,7 +29,8 @@ import copy
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,8 +42,18 @@ from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
 from replaceme.layerwise import LayerwiseModel
-from replaceme.memory import (CALIBRATION_STATES, EVALUATION_STATES, KWARGS_CACHE_BYTES, LOGITS_BYTES, BatchShape,
-                              ChunkPlan, gib, plan_pass, profile_states, resolve_budget)
+from replaceme.memory import (
+    CALIBRATION_STATES,
+    EVALUATION_STATES,
+    KWARGS_CACHE_BYTES,
+    LOGITS_BYTES,
+    BatchShape,
+    ChunkPlan,
+    gib,
+    plan_pass,
+    profile_states,
+    resolve_budget,
+)
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
@@ -165,7 +176,8 @@ class LocalEngine:
     def run_layer(self, index: int, stream: list[torch.Tensor], *, tap_mlp: bool = False
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Run decoder layer ``index`` over every batch; optionally capture its residual MLP output."""
-        outputs, taps = [], [] if tap_mlp else None
+        outputs: list[torch.Tensor] = []
+        taps: list[torch.Tensor] = []
         with self._layer(index) as layer, torch.no_grad():
             hook = None
             if tap_mlp:
@@ -179,7 +191,7 @@ class LocalEngine:
                 if hook is not None:
                     hook.remove()
         self._check_finite(index, outputs)
-        return outputs, taps
+        return outputs, taps if tap_mlp else None
 
     @contextlib.contextmanager
     def _layer(self, index: int) -> Iterator[torch.nn.Module]:
@@ -208,7 +220,7 @@ class LocalEngine:
             shared.kwargs_bytes += size
         return kwargs
 
-    def run_layers(self, layers: range, stream: list[torch.Tensor], bar: tqdm | None = None) -> list[torch.Tensor]:
+    def run_layers(self, layers: Iterable[int], stream: list[torch.Tensor], bar: tqdm | None = None) -> list[torch.Tensor]:
         for index in layers:
             stream, _ = self.run_layer(index, stream)
             if bar is not None:
@@ -217,10 +229,10 @@ class LocalEngine:
 
     def rows(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Non-padding token rows of each batch ([n_tokens, hidden])."""
-        return [t[b.attention_mask.to(t.device).bool()] for b, t in zip(self.batches, tensors)]
+        return [t[b.attention_mask.to(t.device).bool()] for b, t in zip(self.batches, tensors, strict=True)]
 
     def _check_finite(self, index: int, outputs: list[torch.Tensor]) -> None:
-        for batch_index, (batch, out) in enumerate(zip(self.batches, outputs)):
+        for batch_index, (batch, out) in enumerate(zip(self.batches, outputs, strict=True)):
             check_finite(index, out, batch.attention_mask, f" (calibration batch {self.batch_ids[batch_index]})")
 
     def _bar(self, total: int, desc: str) -> tqdm:
@@ -236,7 +248,8 @@ class LocalEngine:
         take at most an eighth of the budget each."""
         m = self.model
         widest = max(self.batches, key=lambda b: b.input_ids.numel())
-        shape = BatchShape(*widest.input_ids.shape, hidden=m.hidden_size, intermediate=m.intermediate_size,
+        batch_size, length = widest.input_ids.shape
+        shape = BatchShape(batch_size, length, hidden=m.hidden_size, intermediate=m.intermediate_size,
                            heads=m.num_heads, dtype_bytes=torch.empty((), dtype=m.dtype).element_size())
         layer_bytes = [m.layer_bytes(i) for i in layers]
         for other in others:
@@ -315,15 +328,15 @@ class LocalEngine:
             tap = candidates is not None and index < n - size  # layer s-1 of the candidate starting at index+1
             stream, x = self.run_layer(index, stream, tap_mlp=tap)
             bar.update()
-            window.append((self.rows(stream), self.rows(x) if tap else None))
+            window.append((self.rows(stream), self.rows(x) if x is not None else None))
             start = angles.start_of_block_ending_at(index)
             if start is None:
                 continue
             (before, x_rows), (after, _) = window.popleft(), window[-1]  # h_{s-1} is used for the last time
-            for b, a in zip(before, after):
+            for b, a in zip(before, after, strict=True):
                 angles.add(start, b, a)
-            if candidates is not None:
-                for xb, b, a in zip(x_rows, before, after):
+            if candidates is not None and x_rows is not None:
+                for xb, b, a in zip(x_rows, before, after, strict=True):
                     candidates[(start, index + 1)].update(xb, b, a)
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
@@ -366,13 +379,14 @@ class LocalEngine:
         fixed = len(blocks) * 2 * self.model.hidden_size ** 2 * 8
         chunks = self.chunks(self.plan(range(last), states=CALIBRATION_STATES, fixed_bytes=fixed))
         sweeps = len(blocks) if sequential and len(chunks) > 1 else 1
-        results, transforms = [], {}
+        results: list[tuple[BlockCapture, torch.Tensor]] = []
+        transforms: dict[Block, torch.Tensor] = {}
         with self._bar(last * len(chunks) * sweeps, "calibrate") as bar:
             if not sequential:
                 for chunk in chunks:
                     chunk._sweep(blocks, sums, transforms, bar, fold=False)
                 return [self._solve(sums[b], estimator) for b in blocks]
-            kept = [None] * len(chunks)  # one chunk's state stays in memory from block to block
+            kept: list[_Sweep | None] = [None] * len(chunks)  # one chunk's state stays in memory from block to block
             for i, block in enumerate(blocks):
                 for c, chunk in enumerate(chunks):
                     state = chunk._sweep(blocks[:i + 1], sums, transforms, bar, fold=True, state=kept[c])
@@ -388,15 +402,18 @@ class LocalEngine:
         the stream goes on unpruned, or (``fold``) the sweep stops there until its map is solved."""
         state = state or _Sweep(self.embed())
         for start, end in blocks[state.done:]:
-            if state.x is None:  # not yet at layer s-1 of this block
+            x = state.x
+            if x is None:  # not yet at layer s-1 of this block
                 state.stream = self.run_layers(range(state.next_layer, start - 1), state.stream, bar)
-                state.stream, state.x = self.run_layer(start - 1, state.stream, tap_mlp=True)
+                state.stream, x = self.run_layer(start - 1, state.stream, tap_mlp=True)
+                state.x = x
                 bar.update()
+            assert x is not None
             if (start, end) in transforms:
-                state.stream = self._apply(state.stream, state.x, transforms[(start, end)])
+                state.stream = self._apply(state.stream, x, transforms[(start, end)])
             else:
                 target = self.run_layers(range(start, end), state.stream, bar)
-                self._accumulate(sums[(start, end)], state.stream, state.x, target)
+                self._accumulate(sums[(start, end)], state.stream, x, target)
                 if fold:
                     return state
                 state.stream = target
@@ -433,11 +450,11 @@ class LocalEngine:
         kept = [i for i in range(len(self.batches)) if self.shard_of[i] not in skipped]
         return self._subset(kept) if kept else None
 
-    def perplexity(self, skip: set[int] = frozenset()) -> tuple[float, int]:
+    def perplexity(self, skip: AbstractSet[int] = frozenset()) -> tuple[float, int]:
         """Perplexity of next-token prediction over non-padding tokens, and the token count."""
         return self.perplexities(skip=skip)[0]
 
-    def perplexities(self, others: Sequence[LocalEngine] = (), *, shared: int = 0, skip: set[int] = frozenset(),
+    def perplexities(self, others: Sequence[LocalEngine] = (), *, shared: int = 0, skip: AbstractSet[int] = frozenset(),
                      include_self: bool = True) -> list[tuple[float, int]]:
         """Perplexity (and token count) of this model (``include_self``) and of each of ``others`` —
         other checkpoints over the same batches whose first ``shared`` layers are this one's, byte
@@ -449,18 +466,19 @@ class LocalEngine:
         plan = self.plan(range(shared if not include_self else self.model.num_layers), states=EVALUATION_STATES,
                          fixed_bytes=head_bytes, what="evaluation", others=others)
         views = [self.chunks(plan)] + [[o._subset(c.batch_ids) for c in self.chunks(plan)] for o in others]
-        totals = [[0.0, 0] for _ in models]
+        nll = [0.0] * len(models)
+        tokens = [0] * len(models)
         with self._bar(sum(map(len, kept)) * plan.num_chunks + shared * plan.num_chunks, "evaluate") as bar:
             for c, chunk in enumerate(views[0]):
                 prefix = chunk.run_layers(range(shared), chunk.embed(), bar)
                 engines = ([chunk] if include_self else []) + [v[c] for v in views[1:]]
-                for engine, layers, head, total in zip(engines, kept, heads, totals):
-                    nll, tokens = engine._nll(engine.run_layers(layers, prefix, bar), head)
-                    total[0] += nll
-                    total[1] += tokens
-        if totals[0][1] == 0:
+                for i, (engine, layers, head) in enumerate(zip(engines, kept, heads, strict=True)):
+                    chunk_nll, chunk_tokens = engine._nll(engine.run_layers(layers, prefix, bar), head)
+                    nll[i] += chunk_nll
+                    tokens[i] += chunk_tokens
+        if tokens[0] == 0:
             raise ReplaceMeError("eval.dataset: no tokens to predict; the evaluation texts are too short")
-        return [(math.exp(nll / tokens), tokens) for nll, tokens in totals]
+        return [(math.exp(total / count), count) for total, count in zip(nll, tokens, strict=True)]
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -468,7 +486,7 @@ class LocalEngine:
         """Summed next-token loss over the non-padding tokens of every batch, and their count."""
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch, hidden in zip(self.batches, stream):
+            for batch, hidden in zip(self.batches, stream, strict=True):
                 valid = batch.attention_mask[:, 1:].to(hidden.device).bool()
                 rows, labels = hidden[:, :-1][valid], batch.input_ids[:, 1:].to(hidden.device)[valid]
                 total += self._row_nll(rows, labels, *head)
@@ -479,7 +497,7 @@ class LocalEngine:
         """Summed next-token loss of token rows, their logits computed a slice of rows at a time: a
         batch's [tokens × vocab] float32 logits (4 GB for 8 × 1024 tokens of a 128 k vocabulary)
         never exist at once."""
-        step = max(1, self._shared.logits_limit // (4 * lm_head.weight.shape[0]))
+        step = max(1, self._shared.logits_limit // (4 * self.model.vocab_size))
         total = 0.0
         for begin in range(0, rows.shape[0], step):
             logits = self.model.logits(rows[begin:begin + step], norm, lm_head)
@@ -488,7 +506,7 @@ class LocalEngine:
 
     def _apply(self, stream: list[torch.Tensor], x: list[torch.Tensor], transform: torch.Tensor) -> list[torch.Tensor]:
         """The stream after layer s-1 once the map is folded in: ``h − X + X·T``."""
-        return [apply_map(h, xb, transform) for h, xb in zip(stream, x)]
+        return [apply_map(h, xb, transform) for h, xb in zip(stream, x, strict=True)]
 
 
 @dataclass
@@ -510,6 +528,8 @@ class _BlockSums:
 
     def __init__(self, engine: LocalEngine, block: Block, committed: set[int], keep_activations: bool) -> None:
         self.engine, self.block, self.committed = engine, block, committed
+        self.store = engine.store
+        self.rows_to_store = engine.save_rows  # (only ever with a store)
         self.hidden = engine.model.hidden_size
         self.device = engine.model.device
         self.keep_activations = keep_activations
@@ -524,9 +544,8 @@ class _BlockSums:
         if shard in self.committed:
             return
         if self.current is None:
-            store = self.engine.store
-            self.current = (BlockStats.zeros(self.hidden, device=self.device),
-                            store.row_writer(self.block, shard) if self.engine.save_rows else None)
+            writer = self.store.row_writer(self.block, shard) if self.store and self.rows_to_store else None
+            self.current = (BlockStats.zeros(self.hidden, device=self.device), writer)
         stats, writer = self.current
         stats.update(x, y)
         if writer is not None:
@@ -537,10 +556,10 @@ class _BlockSums:
     def _close_before(self, shard: int) -> None:
         """Add every shard before ``shard`` to the total, in order: committed ones read back, the one in
         progress committed to the store."""
-        store = self.engine.store
+        store = self.store
         while self.next_shard < shard:
             n = self.next_shard
-            if n in self.committed:
+            if n in self.committed and store is not None:  # (shards are committed only to a store)
                 self.total += store.load_stats(self.block, n)
             elif self.current is not None:
                 stats, writer = self.current
@@ -553,10 +572,10 @@ class _BlockSums:
     def finish(self) -> BlockCapture:
         """The block's capture once every shard is in: with a store, its manifest is written last."""
         self._close_before(self.engine.num_shards)
-        store = self.engine.store
-        if store is not None:
-            store.write_manifest(self.block, self.hidden, expected_shards=self.engine.num_shards)
-        rows = StoredRows(store, self.block) if self.keep_activations and self.engine.save_rows else self.in_memory
+        if self.store is None:
+            return BlockCapture(self.block, self.total, self.in_memory)
+        self.store.write_manifest(self.block, self.hidden, expected_shards=self.engine.num_shards)
+        rows = StoredRows(self.store, self.block) if self.keep_activations and self.rows_to_store else self.in_memory
         return BlockCapture(self.block, self.total, rows)
 
     def abort(self) -> None:

@@ -50,8 +50,18 @@ from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig
 from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
-from replaceme.memory import (AUTO_SHARE, CALIBRATION_STATES, EVALUATION_STATES, LOGITS_BYTES, BatchShape, gib,
-                              parse_size, plan_pass, profile_states, resolve_budget)
+from replaceme.memory import (
+    AUTO_SHARE,
+    CALIBRATION_STATES,
+    EVALUATION_STATES,
+    LOGITS_BYTES,
+    BatchShape,
+    gib,
+    parse_size,
+    plan_pass,
+    profile_states,
+    resolve_budget,
+)
 
 Block = tuple[int, int]
 GB = 10**9

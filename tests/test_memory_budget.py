@@ -125,7 +125,7 @@ def test_calibration_in_chunks_equals_one_chunk(model_and_batches, monkeypatch, 
     chunked_engine = engine(folder, batches, budget)
     chunked = chunked_engine.calibrate(blocks, lstsq, sequential=sequential)
     assert (chunked_engine.last_plan.num_chunks, chunked_engine.last_plan.resident) == (4, resident)
-    for (capture, transform), (expected, expected_transform) in zip(chunked, whole):
+    for (capture, transform), (expected, expected_transform) in zip(chunked, whole, strict=True):
         assert capture.block == expected.block
         assert torch.equal(capture.stats.xtx, expected.stats.xtx) and torch.equal(capture.stats.xty, expected.stats.xty)
         assert torch.equal(transform, expected_transform)
