@@ -92,14 +92,16 @@ def test_output_dir_dot_with_overwrite_is_refused_before_any_work(workspace, tin
 # --- 2. one run at a time per output ---------------------------------------------------------------
 
 SLOW_CLI = """
-import sys, time
+import os, sys, time
 from replaceme import recipe
 from replaceme.cli import main
 
 merge = recipe.merge
-def slow_merge(ctx, out):  # holds the output long enough for a second run to meet it
+def slow_merge(ctx, out):  # holds the output until the test releases it (or the time is up)
     open(sys.argv[1], "w").close()
-    time.sleep(float(sys.argv[2]))
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline and not os.path.exists(sys.argv[1] + ".release"):
+        time.sleep(0.1)
     return merge(ctx, out)
 recipe.merge = slow_merge
 sys.exit(main(sys.argv[3:]))
@@ -107,7 +109,8 @@ sys.exit(main(sys.argv[3:]))
 
 
 def start_slow_run(tmp_path: Path, config: Path, seconds: float) -> tuple[subprocess.Popen, Path]:
-    """``replaceme run`` in another process that pauses in its merge step, with the output held."""
+    """``replaceme run`` in another process that pauses in its merge step, with the output held, for
+    ``seconds`` or until ``release(merging)``."""
     script, merging = tmp_path / "slow_cli.py", tmp_path / "merging"
     script.write_text(textwrap.dedent(SLOW_CLI))
     process = subprocess.Popen([sys.executable, str(script), str(merging), str(seconds), "run", "--config", str(config),
@@ -121,13 +124,18 @@ def start_slow_run(tmp_path: Path, config: Path, seconds: float) -> tuple[subpro
     return process, merging
 
 
+def release(merging: Path) -> None:
+    Path(f"{merging}.release").touch()
+
+
 def test_a_second_run_to_the_same_output_fails_at_once_naming_the_holder(tmp_path, tiny_llama):
     config = job(tmp_path / "job.yaml", tiny_llama, tmp_path / "out")
-    first, _ = start_slow_run(tmp_path, config, seconds=20)
+    first, merging = start_slow_run(tmp_path, config, seconds=300)
     try:
         second = replaceme_cli("run", "--config", str(config), "--overwrite", "--quiet")
         assert first.poll() is None  # the first run still held the output when the second one gave up
     finally:
+        release(merging)
         stdout, stderr = first.communicate(timeout=300)
     assert_one_line_error(second, USER_ERROR, f"output_dir: {tmp_path / 'out'} is in use by run",
                           f"pid {first.pid} on")
