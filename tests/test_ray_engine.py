@@ -156,13 +156,18 @@ def assert_identical(expected, got) -> None:
 
 @contextmanager
 def shard_zero_arrives_last(monkeypatch):
-    """The shards come back in another order than they were sent: 1, 2, …, 0."""
+    """The shards come back in another order than they were sent: 1, 2, …, 0 (to the profile's
+    running sums of the candidates' statistics, too)."""
     from replaceme.distributed.engine import RayEngine
 
     run_shards = RayEngine._run_shards
 
-    def rotated(self, *args, **kwargs):
-        done = sorted(run_shards(self, *args, **kwargs), key=lambda shard: shard.index)
+    def rotated(self, *args, on_done=None, **kwargs):
+        held = []
+        late_zero = None if on_done is None else (lambda shard: held.append(shard) if shard.index == 0 else on_done(shard))
+        done = sorted(run_shards(self, *args, on_done=late_zero, **kwargs), key=lambda shard: shard.index)
+        for shard in held:
+            on_done(shard)
         return done[1:] + done[:1]
 
     with monkeypatch.context() as patch:
@@ -171,19 +176,26 @@ def shard_zero_arrives_last(monkeypatch):
 
 
 def test_sums_do_not_depend_on_the_order_shards_arrive_in(tmp_path, ray_head, monkeypatch):
-    """Maps and distances are bit-identical when the shards return in another order (6 shards: the
-    pairwise tree groups other partials together if they are summed as they arrive)."""
+    """Maps, distances and the profile's candidate statistics are bit-identical when the shards
+    return in another order (6 shards: the pairwise tree groups other partials together if they
+    are summed as they arrive)."""
     config = validate_config(settings(tmp_path, ray_head, engine={"batches_per_shard": 1}))
     ctx = recipe.Context(config, progress=False)
     runs = []
     for reorder in (False, True):
         with shard_zero_arrives_last(monkeypatch) if reorder else nullcontext():
             with closing(recipe.calibration_engine(ctx)) as engine:
-                runs.append((engine.distances(PROFILED),
+                runs.append((engine.profile(PROFILED, statistics=True),
                              engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=True)))
-    (distances, fits), (distances_reordered, fits_reordered) = runs
+    (profiled, fits), (profiled_reordered, fits_reordered) = runs
     assert len(ctx.batches) == 6
-    assert distances_reordered == distances
+    assert profiled_reordered.distances == profiled.distances
+    assert profiled.candidates.keys() == profiled_reordered.candidates.keys()
+    for block, want in profiled.candidates.items():
+        have = profiled_reordered.candidates[block]
+        assert (have.stats.tokens, have.stats.yty_trace, have.stream_sq) == (
+            want.stats.tokens, want.stats.yty_trace, want.stream_sq), block
+        assert torch.equal(have.stats.xtx, want.stats.xtx) and torch.equal(have.stats.xty, want.stats.xty), block
     assert_identical(fits, fits_reordered)
 
 
