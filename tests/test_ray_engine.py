@@ -156,13 +156,18 @@ def assert_identical(expected, got) -> None:
 
 @contextmanager
 def shard_zero_arrives_last(monkeypatch):
-    """The shards come back in another order than they were sent: 1, 2, …, 0."""
+    """The shards come back in another order than they were sent: 1, 2, …, 0 (to the profile's
+    running sums of the candidates' statistics, too)."""
     from replaceme.distributed.engine import RayEngine
 
     run_shards = RayEngine._run_shards
 
-    def rotated(self, *args, **kwargs):
-        done = sorted(run_shards(self, *args, **kwargs), key=lambda shard: shard.index)
+    def rotated(self, *args, on_done=None, **kwargs):
+        held = []
+        late_zero = None if on_done is None else (lambda shard: held.append(shard) if shard.index == 0 else on_done(shard))
+        done = sorted(run_shards(self, *args, on_done=late_zero, **kwargs), key=lambda shard: shard.index)
+        for shard in held:
+            on_done(shard)
         return done[1:] + done[:1]
 
     with monkeypatch.context() as patch:
@@ -171,19 +176,26 @@ def shard_zero_arrives_last(monkeypatch):
 
 
 def test_sums_do_not_depend_on_the_order_shards_arrive_in(tmp_path, ray_head, monkeypatch):
-    """Maps and distances are bit-identical when the shards return in another order (6 shards: the
-    pairwise tree groups other partials together if they are summed as they arrive)."""
+    """Maps, distances and the profile's candidate statistics are bit-identical when the shards
+    return in another order (6 shards: the pairwise tree groups other partials together if they
+    are summed as they arrive)."""
     config = validate_config(settings(tmp_path, ray_head, engine={"batches_per_shard": 1}))
     ctx = recipe.Context(config, progress=False)
     runs = []
     for reorder in (False, True):
         with (shard_zero_arrives_last(monkeypatch) if reorder else nullcontext(),
               closing(recipe.calibration_engine(ctx)) as engine):
-            runs.append((engine.distances(PROFILED),
+            runs.append((engine.profile(PROFILED, statistics=True),
                          engine.calibrate(BLOCKS, recipe.BlockSolver(config), sequential=True)))
-    (distances, fits), (distances_reordered, fits_reordered) = runs
+    (profiled, fits), (profiled_reordered, fits_reordered) = runs
     assert len(ctx.batches) == 6
-    assert distances_reordered == distances
+    assert profiled_reordered.distances == profiled.distances
+    assert profiled.candidates.keys() == profiled_reordered.candidates.keys()
+    for block, want in profiled.candidates.items():
+        have = profiled_reordered.candidates[block]
+        assert (have.stats.tokens, have.stats.yty_trace, have.stream_sq) == (
+            want.stats.tokens, want.stats.yty_trace, want.stream_sq), block
+        assert torch.equal(have.stats.xtx, want.stats.xtx) and torch.equal(have.stats.xty, want.stats.xty), block
     assert_identical(fits, fits_reordered)
 
 
@@ -200,7 +212,7 @@ def test_distances_are_summed_in_shard_order_not_arrival_order(monkeypatch):
     arrived = [_Shard(i, [], results=[AngleSums(2, {1: partials[i]}, {1: 1})]) for i in (1, 2, 0)]
     monkeypatch.setattr(engine, "_pipelines_for", lambda layers: [], raising=False)
     monkeypatch.setattr(engine, "_send_plan", lambda pipelines, plan: None, raising=False)
-    monkeypatch.setattr(engine, "_run_shards", lambda pipelines, plan, committed: arrived, raising=False)
+    monkeypatch.setattr(engine, "_run_shards", lambda pipelines, plan, committed, on_done=None: arrived, raising=False)
     assert engine.distances(2)[0] == (1, 3, ((1.0 + 1e16) - 1e16) / 3 / math.pi)
 
 
@@ -289,17 +301,150 @@ def _wait_for_commit_then_kill_a_stage(store, worker: threading.Thread, address:
 
 
 def test_calibration_after_profile_reuses_the_stages(tmp_path, ray_head, monkeypatch):
-    """`replaceme run` selects blocks, then calibrates: the second pass runs on the stages the profile
-    started (they hold every layer), and the stages are gone once calibration ends."""
+    """`replaceme run` selects blocks, then calibrates: the second pass (sequential fits of two blocks
+    need one) runs on the stages the profile started (they hold every layer), and the stages are
+    gone once calibration ends."""
     from replaceme.distributed.engine import RayEngine
 
     started = []
     start = RayEngine._start_pipelines
     monkeypatch.setattr(RayEngine, "_start_pipelines", lambda self, layers: started.append(layers) or start(self, layers))
-    config = validate_config(settings(tmp_path, ray_head, layers_to_skip=3, engine={"stages": 2}))
+    config = validate_config(settings(tmp_path, ray_head, layers_to_skip=3, num_A=2, merge_consecutive=False,
+                                      engine={"stages": 2}))
+    assert config.second_pass_reason is not None
     ctx = recipe.Context(config, progress=False)
     out = recipe.OutputDir(config.output_dir)
     blocks = recipe.profile(ctx, out)
     recipe.calibrate(ctx, out, blocks)
     assert started == [ctx.num_layers] and "engine" not in ctx.__dict__
     assert (tmp_path / "out" / "transforms.safetensors").exists()
+
+
+def profile_stages(ctx, stages, statistics=True):
+    """The profile pass on Stage objects chained in this process (no actors), one shard attempt."""
+    n = ctx.num_layers
+    blocks = tuple((s, s + PROFILED) for s in range(1, n - PROFILED + 1)) if statistics else ()
+    plan = PhasePlan(blocks, {}, n, save_rows=False, profile=PROFILED)
+    for stage in stages:
+        stage.set_plan(plan)
+    return plan
+
+
+def assert_same_candidates(expected, got, tolerance: float) -> None:
+    assert got.keys() == expected.keys()
+    worst = 0.0
+    for block, want in expected.items():
+        have = got[block]
+        assert have.stats.tokens == want.stats.tokens, block
+        differences = {name: relative(getattr(want.stats, name), getattr(have.stats, name)) for name in ("xtx", "xty")}
+        differences["yty_trace"] = abs(have.stats.yty_trace - want.stats.yty_trace) / want.stats.yty_trace
+        differences["stream_sq"] = abs(have.stream_sq - want.stream_sq) / want.stream_sq
+        assert max(differences.values()) <= tolerance, (block, differences)
+        worst = max(worst, *differences.values())
+    print("candidate statistics: largest relative difference", worst)
+
+
+def test_stages_gather_the_candidates_statistics_of_the_profile_pass(tmp_path):
+    """On two stage objects (no actors): the X rows of a candidate open on the first stage travel
+    with the window to the stage ending it; a retried shard counts its statistics once."""
+    config = dict(model_path=str(BUNDLED_MODEL), dataset=str(CALIB), dataset_size=16, batch_size=8, max_length=64,
+                  output_dir=str(tmp_path / "out"))
+    ctx = recipe.Context(validate_config(config), progress=False)
+    stages = [Stage(str(BUNDLED_MODEL), layers, device="cpu", dtype="float32")
+              for layers in (range(0, 5), range(5, ctx.num_layers))]
+    plan = profile_stages(ctx, stages)
+    with single_threaded():
+        for attempt, seen in ((0, ctx.batches[:1]), (1, ctx.batches)):
+            for batch in seen:
+                payload = Payload(0, attempt, batch.input_ids, batch.attention_mask)
+                for stage in stages:
+                    payload = stage.forward(payload)
+        expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).profile(
+            PROFILED, statistics=True)
+    got, angles = {}, None
+    for stage in stages:
+        result = stage.finish_profile(0, 1)
+        partial, *stats = result if isinstance(result, list) else [result]
+        got.update(zip(stage.ending_blocks(plan), stats))
+        if angles is None:
+            angles = partial
+        else:
+            angles += partial
+    assert any(s - 1 < 5 <= e - 1 for s, e in got)  # candidates straddling the stage boundary
+    assert angles.distances() == expected.distances
+    assert_same_candidates(expected.candidates, got, tolerance=0.0)
+    with pytest.raises(StageRestarted):  # attempt 0 is gone: it can never be counted
+        stages[1].finish_profile(0, 0)
+
+
+def test_profile_statistics_match_the_in_process_engine(tmp_path, ray_head):
+    """R=2 × S=2: every candidate's statistics from the profile pass itself, summed over three shards
+    on the stage actors, equal the in-process engine's to float64 round-off."""
+    from replaceme.distributed.engine import split_layers
+
+    config = validate_config(settings(tmp_path, ray_head, engine={"replicas": 2, "stages": 2}))
+    ctx = recipe.Context(config, progress=False)
+    with single_threaded():
+        expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).profile(
+            PROFILED, statistics=True)
+    with closing(recipe.calibration_engine(ctx)) as engine:
+        got = engine.profile(PROFILED, statistics=True)
+    boundary = split_layers(ctx.checkpoint.config, ctx.num_layers, 2)[1].start
+    assert any(s - 1 < boundary <= e - 1 for s, e in got.candidates)  # some straddle the stage boundary
+    assert len(engine.shards) == 3
+    worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected.distances, got.distances))
+    assert [b[:2] for b in got.distances] == [b[:2] for b in expected.distances] and worst <= 1e-12
+    assert_same_candidates(expected.candidates, got.candidates, tolerance=1e-9)
+
+
+def test_run_on_ray_selects_and_fits_in_one_pass(tmp_path, ray_head, monkeypatch):
+    """`replaceme run` with blocks chosen by distance: the Ray profile pass is the only pass over the
+    calibration set (calibrate solves from its statistics), with the blocks and maps of a local run."""
+    from safetensors.torch import load_file
+
+    from replaceme.distributed.engine import RayEngine
+
+    passes = []
+    run_shards = RayEngine._run_shards
+    monkeypatch.setattr(RayEngine, "_run_shards", lambda self, pipelines, plan, *a, **k: (
+        passes.append(plan.profile), run_shards(self, pipelines, plan, *a, **k))[1])
+    monkeypatch.setattr(RayEngine, "calibrate", lambda *a, **k: pytest.fail("a second pass over the calibration set"))
+    fits = {}
+    for backend in ("ray", "local"):
+        config = validate_config(settings(
+            tmp_path, ray_head, layers_to_skip=3, num_A=2, merge_consecutive=False, sequential=False,
+            save_transform_only=True, mlflow={"enabled": False}, output_dir=str(tmp_path / backend),
+            engine={"backend": backend, "stages": 2, "replicas": 2}))
+        with single_threaded() if backend == "local" else nullcontext():
+            result = recipe.run(config, progress=False)
+        fits[backend] = result["blocks"], load_file(tmp_path / backend / "transforms.safetensors")
+    assert passes == [3]  # one pass over the calibration set, the profile's
+    (ray_blocks, ray_maps), (local_blocks, local_maps) = fits["ray"], fits["local"]
+    assert ray_blocks == local_blocks and len(ray_blocks) == 2
+    assert ray_maps.keys() == local_maps.keys()
+    for name, want in local_maps.items():  # float32 maps solved from float64 sums added in another order
+        assert relative(want, ray_maps[name]) <= 1e-6, name
+
+
+def test_profile_measures_distances_only_when_the_statistics_do_not_fit(tmp_path, monkeypatch, caplog):
+    """A stage whose device cannot hold its candidates' statistics for the shards in flight says so,
+    and the profile pass then gathers none (no cluster: the actor is this process's stage object)."""
+    from types import SimpleNamespace
+
+    from replaceme.config import EngineConfig
+    from replaceme.distributed import stage as stage_module
+    from replaceme.distributed.engine import RayEngine, StageSettings, _Pipeline
+
+    stage = Stage(str(BUNDLED_MODEL), range(16), device="cpu", dtype="float32")
+    blocks = tuple((s, s + PROFILED) for s in range(1, 11))
+    assert stage.statistics_room(blocks, 2) is None
+    monkeypatch.setattr(stage_module, "free_bytes", lambda device: 2**20)
+    assert stage.statistics_room(blocks, 2).startswith("layers 0-15 would hold 10 candidates' statistics for 2 shards")
+    engine = object.__new__(RayEngine)
+    engine.ray = SimpleNamespace(get=lambda refs: refs)
+    engine.engine = EngineConfig(backend="ray")
+    engine.settings = StageSettings("unused", json.loads((BUNDLED_MODEL / "config.json").read_text()), "cpu", "float32")
+    actor = SimpleNamespace(statistics_room=SimpleNamespace(remote=stage.statistics_room))
+    with caplog.at_level("WARNING", logger="replaceme"):
+        assert engine._statistics_blocks([_Pipeline(None, [(actor, range(16))])], PROFILED, 16) == ()
+    assert "not gathering the 10 candidate blocks' statistics in the profile pass (layers 0-15" in caplog.text

@@ -8,8 +8,12 @@ partial statistics. Partials are summed pairwise on the stage actors, level by l
 so no process holds more than a few of them at once, and each block is solved once on the driver.
 The tree's leaves are the shards in index order and its shape depends on the shard count only, so
 the sums are bit-identical however the shards arrived, were retried or were resumed from a store.
-Block selection (``distances``) runs the same way over every layer; its partials are a float and a
-token count per candidate block, so the driver simply sums them.
+Block selection (``profile``) runs the same way over every layer; its partials are a float and a
+token count per candidate block, so the driver simply sums them. With statistics, the same pass
+gathers every candidate block's least-squares statistics on the stage holding its last layer, and
+each candidate's shard partials are summed on the stage actors in shard order as the shards
+complete (a left fold, so a partial waits only for the shards before it), so a block selected by
+distance is fitted without a second pass.
 
 A worker that dies takes its shard's unfinished partials with it: the actor is restarted and the
 shard is re-run under a new attempt number, so every shard counts exactly once. With an activation
@@ -39,8 +43,9 @@ from replaceme.distributed.cluster import connect, reserve, require_ray
 from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
 from replaceme.engine import BlockCapture, Estimator, Profile, angle_sums
 from replaceme.errors import ReplaceMeError
+from replaceme.memory import free_bytes, gib
 from replaceme.planner import layer_weights, model_shape, split_stages
-from replaceme.stats import BlockStats
+from replaceme.stats import BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
@@ -125,33 +130,61 @@ class RayEngine:
         self.seconds["start_workers"] += time.perf_counter() - started
         return self._pipelines
 
-    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
-        """The candidate blocks' distances; the stages do not gather their statistics yet, so a
-        selected block is fitted in a second pass (``candidates`` None)."""
-        if statistics:
-            log.info("engine.backend: ray profiles distances only; the selected blocks are fitted in a second pass")
-        return Profile(self.distances(block_size))
-
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
+        return self.profile(block_size).distances
+
+    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
         """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later,
-        on stages covering every layer (the candidate blocks span the whole depth). Each micro-batch
-        carries its rows after the last ``block_size`` layers across stage boundaries, each stage adds
-        the angles of the blocks ending on it per shard attempt, and the driver sums the shards'
-        partials (a float and a count per block), each shard once (its completed attempt)."""
+        on stages covering every layer (the candidate blocks span the whole depth), and with
+        ``statistics`` every such block's statistics on the unpruned stream, from the same pass.
+
+        Each micro-batch carries its rows after the last ``block_size`` layers (and the X rows of the
+        candidates open) across stage boundaries, each stage adds the angles (and statistics) of the
+        blocks ending on it per shard attempt, and the driver sums the shards' angle partials (a
+        float and a count per block), each shard once (its completed attempt). The candidates'
+        statistics are summed on the stage actors in shard order. When they would not fit on some
+        stage (:meth:`_statistics_blocks`), or a stage worker holding a running sum died, the
+        profile returns distances only (``candidates`` None) and the caller fits in a second pass."""
         num_layers = int(self.settings.model_config["num_hidden_layers"])
         angles = angle_sums(block_size, num_layers)
         pipelines = self._pipelines_for(num_layers)
         try:
-            plan = PhasePlan((), {}, num_layers, save_rows=False, profile=block_size)
+            blocks = self._statistics_blocks(pipelines, block_size, num_layers) if statistics else ()
+            plan = PhasePlan(blocks, {}, num_layers, save_rows=False, profile=block_size)
             self._send_plan(pipelines, plan)
+            fold = _ShardOrderFold(blocks, _reducers(pipelines, blocks))
             # Added in shard order (not arrival order), so the distances do not depend on timing.
-            for shard in sorted(self._run_shards(pipelines, plan, committed=set()), key=lambda s: s.index):
+            for shard in sorted(self._run_shards(pipelines, plan, committed=set(), on_done=fold.add),
+                                key=lambda s: s.index):
                 for partial in shard.results:
                     angles += partial
+            candidates = fold.result(self.ray) if blocks else None
         except BaseException:
             self.close()
             raise
-        return angles.distances()
+        return Profile(angles.distances(), candidates)
+
+    def _statistics_blocks(self, pipelines: list[_Pipeline], block_size: int, num_layers: int) -> tuple[Block, ...]:
+        """Every candidate block, when each stage can hold the statistics of those ending on it for
+        the shards in flight (``stage.STATISTICS_SHARE`` of its device's free memory) and this
+        process can hold all their sums; else none (the profile then measures distances only)."""
+        blocks = tuple((s, s + block_size) for s in range(1, num_layers - block_size + 1))
+        refusals = [r for r in self.ray.get([actor.statistics_room.remote(blocks, self._shards_per_pipeline())
+                                             for p in pipelines for actor, _ in p.stages]) if r]
+        hidden = model_shape(self.settings.model_config).hidden_size
+        need, free = len(blocks) * 2 * hidden * hidden * 8, free_bytes(torch.device("cpu"))
+        if need > free // 2:
+            refusals.append(f"their sums take {gib(need)} of the {gib(free)} free in this process")
+        if refusals:
+            log.warning("not gathering the %d candidate blocks' statistics in the profile pass (%s); the selected "
+                        "blocks are fitted in a second pass", len(blocks), "; ".join(refusals))
+            return ()
+        return blocks
+
+    def _shards_per_pipeline(self) -> int:
+        """Shards in flight on each pipeline: at least two, so its actors have queued work while a
+        shard is finished."""
+        return max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -199,13 +232,13 @@ class RayEngine:
                 self.store.write_manifest(block, totals[block].xtx.shape[0], expected_shards=len(self.shards))
         return totals
 
-    def _run_shards(self, pipelines: list[_Pipeline], plan: PhasePlan, committed: set[int]) -> list[_Shard]:
+    def _run_shards(self, pipelines: list[_Pipeline], plan: PhasePlan, committed: set[int],
+                    on_done=None) -> list[_Shard]:
         """Every shard not yet committed through the pipelines, retried where a worker died; returns
-        each shard once, as its last (complete) attempt left it."""
+        each shard once, as its last (complete) attempt left it (also given to ``on_done`` as it completes)."""
         queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
         done, pending = [], {}  # pending: outstanding ref → (pipeline, shard)
-        # At least two shards per pipeline, so its actors have queued work while a shard is finished.
-        per_pipeline = max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
+        per_pipeline = self._shards_per_pipeline()
         with tqdm(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
                   unit="shard", disable=not self.progress, leave=False) as bar:
             while queue or pending:
@@ -220,6 +253,8 @@ class RayEngine:
                         continue
                     shard.results = results
                     done.append(shard)
+                    if on_done is not None:
+                        on_done(shard)
                     bar.update()
                 except Exception as exc:  # noqa: BLE001 - _retry_or_raise re-raises what is not a worker death
                     self._retry_or_raise(exc, shard)
@@ -258,13 +293,20 @@ class RayEngine:
     def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
         """Ask the stages ending a block for the shard's partials. They stay object refs: the driver
         waits for the small token counts (proof that they were produced) but never fetches them.
-        A profile pass's partials are themselves small: the driver fetches them."""
+        A profile pass's angle partials are themselves small: the driver fetches them (and keeps
+        refs to the candidates' statistics)."""
         shard.stats, shard.outputs = {}, []
         for actor, layers in pipeline.stages:
-            if plan.profile:  # every stage holds angle sums (a float per block): fetched by the driver
-                shard.outputs.append(actor.finish_profile.remote(shard.index, shard.attempt))
-                continue
             ending = [b for b in plan.blocks if b[1] - 1 in layers]
+            if plan.profile:  # every stage holds angle sums (a float per block): fetched by the driver
+                if ending:
+                    angles, *refs = actor.finish_profile.options(num_returns=len(ending) + 1).remote(
+                        shard.index, shard.attempt)
+                    shard.stats.update(zip(ending, refs))
+                else:
+                    angles = actor.finish_profile.remote(shard.index, shard.attempt)
+                shard.outputs.append(angles)
+                continue
             if ending:
                 *refs, tokens = actor.finish_shard.options(num_returns=len(ending) + 1).remote(shard.index, shard.attempt)
                 shard.stats.update(zip(ending, refs))
@@ -351,6 +393,45 @@ class RayEngine:
             for actor, _ in pipeline.stages:
                 self.ray.kill(actor)
             remove_placement_group(pipeline.group)
+
+
+class _ShardOrderFold:
+    """Each candidate's shard partials summed on a stage actor as the shards complete, in shard
+    order whatever order they complete in: ((p0 + p1) + p2) + …, so the sums do not depend on
+    timing, and a partial waits in the object store only until the shards before it are done."""
+
+    def __init__(self, blocks: Sequence[Block], reducers: dict[Block, object]) -> None:
+        self.blocks = list(blocks)
+        self.reducers = reducers
+        self.totals: dict[Block, object] = {}  # block → ref of the sum of shards < self.next
+        self.waiting: dict[int, dict[Block, object]] = {}  # shard index → its partials' refs
+        self.next = 0
+
+    def add(self, shard: _Shard) -> None:
+        if not self.blocks:
+            return
+        self.waiting[shard.index] = shard.stats
+        while self.next in self.waiting:
+            for block, ref in self.waiting.pop(self.next).items():
+                total = self.totals.get(block)
+                self.totals[block] = ref if total is None else self.reducers[block].add_stats.remote(total, ref)
+            self.next += 1
+
+    def result(self, ray) -> dict[Block, CandidateStats] | None:
+        """The candidates' sums, or None (with a warning) when a stage worker died holding one."""
+        try:
+            return dict(zip(self.blocks, ray.get([self.totals[b] for b in self.blocks])))
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
+            log.warning("the candidate blocks' statistics were lost with a stage worker (%s); the selected blocks "
+                        "are fitted in a second pass", _cause(exc))
+            return None
+
+
+def _reducers(pipelines: list[_Pipeline], blocks: Sequence[Block]) -> dict[Block, object]:
+    """The actor summing each candidate's partials: the stage holding its last layer, in the
+    pipelines in turn (the sums spread over the replicas)."""
+    return {block: next(actor for actor, layers in pipelines[n % len(pipelines)].stages if block[1] - 1 in layers)
+            for n, block in enumerate(blocks)}
 
 
 def tree_sum(refs: list, reducers: list) -> BlockStats:

@@ -5,8 +5,10 @@ so the driver never touches weights. Micro-batches arrive as :class:`Payload` an
 next stage; a block's taps (``h_{s-1}`` and ``X`` rows) travel with the payload until the stage
 holding layer ``e-1`` turns them into statistics. A profile pass (block selection) instead
 carries the token rows after the last L layers, and each stage adds the angular distance of every
-block ending on it. Partials accumulate per (shard, attempt): a retried shard starts from zero,
-so a shard's partials count once.
+block ending on it; with statistics, the X rows of each open candidate block travel with that
+window and the stage holding its layer ``e-1`` adds them to the candidate's statistics (on the
+stage's device). Partials accumulate per (shard, attempt): a retried shard starts from zero, so a
+shard's partials count once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ import torch
 from replaceme.checkpoint import Checkpoint
 from replaceme.engine import apply_map, check_finite
 from replaceme.layerwise import LayerwiseModel
-from replaceme.stats import AngleSums, BlockStats
+from replaceme.memory import free_bytes, gib
+from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
+
+# The share of the memory free on a stage's device (its layers loaded) that the candidate blocks'
+# statistics of a profile pass may take, for every shard in flight; above it the profile measures
+# distances only and the selected blocks are fitted in a second pass.
+STATISTICS_SHARE = 0.5
 
 
 class StageRestarted(RuntimeError):
@@ -34,7 +42,7 @@ class StageRestarted(RuntimeError):
 class PhasePlan:
     """What one pass over the calibration set computes (identical for every stage)."""
 
-    blocks: tuple[Block, ...]  # fitted in this pass
+    blocks: tuple[Block, ...]  # fitted in this pass (profile: the candidates whose statistics are gathered)
     applied: dict[Block, torch.Tensor]  # solved earlier: their layers skipped, their map applied
     end_layer: int  # the pass stops before this layer
     save_rows: bool  # stream (X, Y, residual) rows to the activation store
@@ -54,6 +62,7 @@ class Payload:
     hidden: torch.Tensor | None = None
     taps: dict[Block, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     window: list[torch.Tensor] = field(default_factory=list)  # profile: rows after the last L layers, oldest first
+    candidate_x: dict[Block, torch.Tensor] = field(default_factory=dict)  # profile: X rows of the open candidates
 
 
 class Stage:
@@ -68,7 +77,7 @@ class Stage:
         self.modules = {i: self.model.load_layer(i) for i in layers}
         self.store = store
         self.plan: PhasePlan | None = None
-        self._stats: dict[tuple[Block, int, int], BlockStats] = {}
+        self._stats: dict[tuple[Block, int, int], BlockStats | CandidateStats] = {}
         self._angles: dict[tuple[int, int], AngleSums] = {}  # (shard, attempt) → profile partials
         self._writers: dict[tuple[Block, int, int], object] = {}
 
@@ -91,7 +100,12 @@ class Stage:
             hidden = payload.hidden.to(self.device)
         if plan.profile:  # created even when no block ends here: a missing entry means a restart
             self._angles.setdefault((payload.shard, payload.attempt), AngleSums(plan.profile))
+            for block in self.ending_blocks(plan):
+                if (block, payload.shard, payload.attempt) not in self._stats:
+                    self._stats[(block, payload.shard, payload.attempt)] = CandidateStats.zeros(
+                        self.model.hidden_size, self.device)
             payload.window = [rows.to(self.device) for rows in payload.window]
+            payload.candidate_x = {b: rows.to(self.device) for b, rows in payload.candidate_x.items()}
         kwargs_by_key: dict[int, dict] = {}
         skipped = plan.skipped
         for index in self.layers:
@@ -106,6 +120,7 @@ class Stage:
         last = self.layers.stop >= plan.end_layer  # nothing but small results goes back to the driver
         payload.hidden = None if last else hidden.cpu()
         payload.window = [] if last else [rows.cpu() for rows in payload.window]
+        payload.candidate_x = {} if last else {b: rows.cpu() for b, rows in payload.candidate_x.items()}
         return payload
 
     def _run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict, payload: Payload, plan: PhasePlan,
@@ -127,23 +142,32 @@ class Stage:
         for block in opened:
             if block in plan.applied:  # the pruned model's stream
                 out = apply_map(out, taps[0], plan.applied[block])
+            elif plan.profile:  # a candidate's h_{s-1} is in the window already
+                payload.candidate_x[block] = taps[0][rows]
             else:
                 payload.taps[block] = (out[rows].float().cpu(), taps[0][rows].float().cpu())
+        if plan.profile:
+            self._add_angles(index, out[rows], payload, plan)
+            return out
         for block in plan.blocks:
             if block[1] - 1 == index:
                 self._close_block(block, out[rows].float().cpu(), payload, plan)
-        if plan.profile:
-            self._add_angles(index, out[rows], payload)
         return out
 
-    def _add_angles(self, index: int, rows: torch.Tensor, payload: Payload) -> None:
+    def _add_angles(self, index: int, rows: torch.Tensor, payload: Payload, plan: PhasePlan) -> None:
         """Slide the payload's window on by layer ``index`` and add the block ending there (its
-        ``h_{s-1}`` leaves the window: L rows per micro-batch cross a stage boundary, never more)."""
+        ``h_{s-1}`` leaves the window: L rows per micro-batch cross a stage boundary, never more),
+        and its statistics when the pass gathers them (X, ``h_{s-1}`` and ``h_{e-1}`` in the
+        model's dtype, as the in-process engine adds them)."""
         payload.window.append(rows)
         angles = self._angles[(payload.shard, payload.attempt)]
         start = angles.start_of_block_ending_at(index)
         if start is not None:
-            angles.add(start, payload.window.pop(0), rows)
+            before = payload.window.pop(0)
+            angles.add(start, before, rows)
+            block = (start, index + 1)
+            if block in payload.candidate_x:
+                self._stats[(block, payload.shard, payload.attempt)].update(payload.candidate_x.pop(block), before, rows)
 
     def _close_block(self, block: Block, h_after: torch.Tensor, payload: Payload, plan: PhasePlan) -> None:
         h_before, x = payload.taps.pop(block)
@@ -176,18 +200,45 @@ class Stage:
         self._drop_stale(shard, attempt)
         return [*finished, sum(s.tokens for s in finished)]
 
-    def finish_profile(self, shard: int, attempt: int) -> AngleSums:
+    def finish_profile(self, shard: int, attempt: int) -> AngleSums | list:
         """Angle sums of the blocks ending on this stage for one shard attempt (a float and a count
-        per block, returned to the driver). Stale attempts of the shard are dropped."""
+        per block, returned to the driver); when the pass gathers statistics and candidates end
+        here, a list: the angle sums, then those candidates' statistics (host memory, in
+        :meth:`ending_blocks` order). Stale attempts of the shard are dropped."""
         angles = self._angles.pop((shard, attempt), None)
         if angles is None:
             raise StageRestarted(f"stage {self.layers} has no distances for shard {shard}, attempt {attempt} "
                                  "(restarted since)")
+        finished = []
+        for block in self.ending_blocks(self.plan):
+            partial = self._stats.pop((block, shard, attempt), None)
+            if partial is None:
+                raise StageRestarted(f"stage {self.layers} has no statistics for candidate {block}, shard {shard}, "
+                                     f"attempt {attempt} (restarted since)")
+            stats = partial.stats
+            finished.append(CandidateStats(BlockStats(stats.xtx.cpu(), stats.xty.cpu(), stats.yty_trace, stats.tokens),
+                                           partial.stream_sq))
         self._drop_stale(shard, attempt)
-        return angles
+        return [angles, *finished] if finished else angles
 
-    def add_stats(self, a: BlockStats, b: BlockStats) -> BlockStats:
-        """One step of the driver's tree reduction of partial statistics."""
+    def statistics_room(self, blocks: tuple[Block, ...], shards: int) -> str | None:
+        """None when this stage can gather the statistics of the candidates among ``blocks`` ending
+        on it for ``shards`` shards at once within :data:`STATISTICS_SHARE` of its device's free
+        memory; else why not."""
+        count = sum(1 for b in blocks if b[1] - 1 in self.layers)
+        need = count * 2 * self.model.hidden_size ** 2 * 8 * shards
+        free = free_bytes(self.device)
+        if need <= STATISTICS_SHARE * free:
+            return None
+        return (f"layers {self.layers.start}-{self.layers.stop - 1} would hold {count} candidates' statistics for "
+                f"{shards} shards in flight, {gib(need)} of {gib(free)} free on {self.device.type}")
+
+    def add_stats(self, a: BlockStats | CandidateStats, b: BlockStats | CandidateStats) -> BlockStats | CandidateStats:
+        """One step of the driver's reductions of partial statistics (a block's or a candidate's)."""
+        if isinstance(a, CandidateStats):
+            a.stats += b.stats
+            a.stream_sq += b.stream_sq
+            return a
         a += b
         return a
 
