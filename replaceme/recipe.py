@@ -32,11 +32,11 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from replaceme import __version__, lineage, markers, peak_memory
+from replaceme import __version__, evalcache, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import check_blocks, check_selection, distances_to_csv, reusable_distances, select_blocks
 from replaceme.checkpoint import Checkpoint
-from replaceme.config import ReplaceMeConfig
+from replaceme.config import ReplaceMeConfig, redact_uri
 from replaceme.data import Batch, load_texts, make_batches
 from replaceme.engine import Activations, BlockCapture, CalibrationEngine, LocalEngine
 from replaceme.errors import ReplaceMeError
@@ -58,11 +58,12 @@ SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current
 class Context:
     """Validated inputs of a run, opened once and shared by the steps. The model, its family and the
     blocks are checked here; the inputs only some steps read (``INPUTS``: the calibration texts and
-    the tokenizer they need, the eval texts, the activation store) are opened on first use, and
-    :meth:`require` opens a step's inputs before its work, so that ``replaceme merge`` or ``solve``
-    never reads or tokenizes the calibration set while a bad input still fails before any work."""
+    the tokenizer they need, the eval texts and the cache of the source's perplexity on them, the
+    activation store) are opened on first use, and :meth:`require` opens a step's inputs before its
+    work, so that ``replaceme merge`` or ``solve`` never reads or tokenizes the calibration set while
+    a bad input still fails before any work."""
 
-    INPUTS = ("texts", "eval_texts", "store")  # in the order `run` checks them
+    INPUTS = ("texts", "eval_texts", "eval_cache", "store")  # in the order `run` checks them
 
     def __init__(self, config: ReplaceMeConfig, *, progress: bool = True) -> None:
         self.config = config
@@ -110,6 +111,17 @@ class Context:
         if e.lm_eval_tasks:
             _require_lm_eval()
         return texts
+
+    @cached_property
+    def eval_cache(self) -> evalcache.PerplexityCache | None:
+        """Where the source's perplexity on the eval set is cached (``eval.cache``); None: not cached."""
+        where = evalcache.location(self.config.eval.cache) if self.config.eval is not None else None
+        if where is None:
+            return None
+        if is_inside(where, self.model_uri):
+            raise ReplaceMeError(f"eval.cache: {redact_uri(where)} is inside the source model {self.model_uri}; the "
+                                 "source is never written to, choose a folder outside it (or false for no cache)")
+        return evalcache.PerplexityCache(where, self.config.storage_options(where))
 
     @cached_property
     def store(self) -> ActivationStore | None:
@@ -361,19 +373,33 @@ def merge(ctx: Context, out: OutputDir) -> None:
 
 
 def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
-    """Held-out perplexity of the source and of the pruned model in ``model/``."""
+    """Held-out perplexity of the source and of the pruned model in ``model/``. The source's is read
+    from ``eval.cache`` when it was computed on these weights, eval batches and settings, else
+    computed and stored there (see :mod:`replaceme.evalcache`)."""
     if ctx.eval_texts is None:
         return {}
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
     shared = min(s for s, _ in saved_blocks(out)) - 1
     with ctx.timed("evaluate"):
-        source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress)
-        prefix = source.run_layers(range(shared), source.embed())
-        before, tokens = source.perplexity(start=shared, stream=prefix)
+        cache, key, cached = ctx.eval_cache, None, None
+        if cache is not None:
+            dtype = resolve_dtype(ctx.config.compute_dtype, ctx.device, ctx.checkpoint.dtype)
+            key = cache.key(ctx.checkpoint, ctx.eval_batches, dtype=dtype, device=ctx.device)
+            cached = cache.get(key) if key else None
+        if cached is None:
+            source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress)
+            prefix = source.run_layers(range(shared), source.embed())
+            before, tokens = source.perplexity(start=shared, stream=prefix)
+            if key:
+                cache.put(key, before, tokens, source=ctx.model_uri)
+        else:  # no source layer runs: the pruned model runs its own first layers (the source's, byte for byte)
+            (before, tokens), shared, prefix = cached, 0, None
+            log.info("evaluate: the source's perplexity %.4f comes from %s", before, cache.entry_uri(key))
         with Checkpoint(f"{out.uri}/model", field="output_dir", storage_options=ctx.output_options) as pruned:
             after, _ = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches,
                                    progress=ctx.progress).perplexity(start=shared, stream=prefix)
-    metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
+    metrics = {"perplexity_before": before, "perplexity_before_cached": cached is not None, "perplexity_after": after,
+               "retention": before / after, "eval_tokens": tokens}
     if ctx.config.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
     return metrics
@@ -580,7 +606,7 @@ STEPS: dict[str, Step] = {step.name: step for step in (
     Step("solve", _solve_step, inputs=_solve_inputs, uses=lambda config: ("store",)),
     Step("merge", _merge_step, inputs=lambda config: {"transforms.safetensors": "solve"}),
     Step("evaluate", _evaluate_step, inputs=lambda config: {"model/config.json": "merge"},
-         uses=lambda config: ("eval_texts",)),
+         uses=lambda config: ("eval_texts", "eval_cache")),
     Step("register", _register_step, inputs=lambda config: {"report.json": "evaluate"}, needs_model=False),
 )}
 EXPENSIVE = ("profile", "calibrate")  # model passes: the CLI replaces their artefacts only with --overwrite
