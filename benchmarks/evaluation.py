@@ -72,8 +72,9 @@ def main() -> None:
     model = random_llama(Path(tempfile.mkdtemp()) / "model", hidden=256, layers=16, vocab=args.vocab, kv_heads=2,
                          shard_size="64MB")
     eval_data = str(ROOT / "examples" / "data" / "eval.jsonl")
-    config = validate_config(dict(model_path=str(model), dataset=eval_data, eval={"dataset": eval_data,
-                                  "dataset_size": args.texts}, dataset_size=8, batch_size=8, max_length=256,
+    config = validate_config(dict(model_path=str(model), dataset=eval_data,  # (no cache: the source is timed too)
+                                  eval={"dataset": eval_data, "dataset_size": args.texts, "cache": False},
+                                  dataset_size=8, batch_size=8, max_length=256,
                                   blocks=[list(BLOCK)], output_dir=str(Path(tempfile.mkdtemp()) / "out"),
                                   mlflow={"enabled": False}))
     recipe.run(config, progress=False)

@@ -330,6 +330,7 @@ def summary(report: dict[str, Any], output_dir: str) -> str:
     ]
     if "perplexity_before" in report:
         lines.append(f"perplexity      {report['perplexity_before']:.2f} -> {report['perplexity_after']:.2f}  "
-                     f"(retention {report['retention']:.3f}, {report['eval_tokens']} eval tokens)")
+                     f"(retention {report['retention']:.3f}, {report['eval_tokens']} eval tokens"
+                     f"{', source from the cache' if report.get('perplexity_before_cached') else ''})")
     lines.append(f"outputs         {output_dir}  (model/, transforms.safetensors, blocks.json, report.json)")
     return "\n".join(lines)

@@ -48,6 +48,9 @@ class EvalConfig(_Strict):
     batch_size: int | None = Field(default=None, ge=1, description="defaults to the top-level batch_size")
     max_length: int | None = Field(default=None, ge=2, description="defaults to the top-level max_length")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names, run when lm-eval is installed")
+    cache: bool | str = Field(
+        default=True, description="where the source model's perplexity is cached: true: $REPLACEME_CACHE, else "
+        "~/.cache/replaceme; a folder or URI (s3://…); false: not cached")
 
 
 class CosineOptions(_Strict):
@@ -211,6 +214,8 @@ class ReplaceMeConfig(_Strict):
         self.dataset = _absolute(self.dataset, must_exist=True)  # else a Hub dataset name
         if self.eval is not None:
             self.eval.dataset = _absolute(self.eval.dataset, must_exist=True)
+            if isinstance(self.eval.cache, str):
+                self.eval.cache = _absolute(self.eval.cache)
         self.output_dir = _absolute(self.output_dir)
         self.distances_path = _absolute(self.distances_path)
         self.activations.uri = _absolute(self.activations.uri)
@@ -253,6 +258,8 @@ class ReplaceMeConfig(_Strict):
         data["storage"]["options"] = {k: _redact(k, v) for k, v in self.storage.options.items()}
         data["storage"]["endpoint_url"] = redact_uri(self.storage.endpoint_url)
         data["mlflow"]["tracking_uri"] = redact_uri(self.mlflow.tracking_uri)
+        if self.eval is not None and isinstance(self.eval.cache, str):
+            data["eval"]["cache"] = redact_uri(self.eval.cache)
         return data
 
 

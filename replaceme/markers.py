@@ -60,7 +60,9 @@ SETTINGS: dict[str, Callable[[ReplaceMeConfig, str], dict[str, Any]]] = {
     "calibrate": _calibrate_settings,
     "solve": lambda c, dtype: c.solver_settings(),  # another alpha or estimator: re-solve, no model run
     "merge": lambda c, dtype: {},
-    "evaluate": lambda c, dtype: {"eval": c.eval.model_dump() if c.eval else None, "compute_dtype": c.compute_dtype},
+    # (where the source perplexity is cached shapes nothing: eval.cache is left out)
+    "evaluate": lambda c, dtype: {"eval": c.eval.model_dump(exclude={"cache"}) if c.eval else None,
+                                  "compute_dtype": c.compute_dtype},
     "register": lambda c, dtype: c.mlflow.model_dump(),
 }
 

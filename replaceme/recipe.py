@@ -5,7 +5,9 @@ completion marker (:mod:`replaceme.markers`), so the CLI can run them one by one
 calibrate`` then ``replaceme merge`` …), the pipeline steps in ``ops/`` run them in pods, and
 ``replaceme run`` runs them all in a staging folder that it publishes only when complete and
 resumes from its completed steps after a crash. :class:`StepRunner` is that one mechanism.
-Everything a user can get wrong is checked in :meth:`Context.__init__`, before any work.
+Everything a user can get wrong is checked before any work: what every step needs in
+:meth:`Context.__init__`, the inputs only some steps read (:attr:`Context.INPUTS`) by
+:meth:`Context.require` before the step that reads them (all of them first, in ``run``).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from replaceme import __version__, lineage, markers, peak_memory
+from replaceme import __version__, evalcache, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import check_blocks, check_selection, distances_to_csv, reusable_distances, select_blocks
 from replaceme.checkpoint import Checkpoint
-from replaceme.config import ReplaceMeConfig
+from replaceme.config import ReplaceMeConfig, redact_uri
 from replaceme.data import Batch, load_texts, make_batches
 from replaceme.engine import Activations, BlockCapture, CalibrationEngine, LocalEngine
 from replaceme.errors import ReplaceMeError
@@ -55,7 +57,14 @@ PROFILED_STATISTICS = "profile"  # the selected blocks' statistics, gathered by 
 
 
 class Context:
-    """Validated inputs of a run, opened once and shared by the steps."""
+    """Validated inputs of a run, opened once and shared by the steps. The model, its family and the
+    blocks are checked here; the inputs only some steps read (``INPUTS``: the calibration texts and
+    the tokenizer they need, the eval texts and the cache of the source's perplexity on them, the
+    activation store) are opened on first use, and :meth:`require` opens a step's inputs before its
+    work, so that ``replaceme merge`` or ``solve`` never reads or tokenizes the calibration set while
+    a bad input still fails before any work."""
+
+    INPUTS = ("texts", "eval_texts", "eval_cache", "store")  # in the order `run` checks them
 
     def __init__(self, config: ReplaceMeConfig, *, progress: bool = True) -> None:
         self.config = config
@@ -77,31 +86,58 @@ class Context:
         if self.blocks is None:  # selected by distance: refuse settings that cannot fit before any layer runs
             check_selection(self.num_layers, config.layers_to_skip, config.num_A, config.min_distance_layer,
                             config.merge_consecutive)
-        self.texts = load_texts(config.dataset, column=config.dataset_column, split=config.dataset_subset,
-                                size=config.dataset_size, tokenizer=self.tokenizer, field="dataset",
-                                storage_options=config.storage_options(config.dataset))
-        self.eval_texts = None
-        if config.eval is not None:
-            e = config.eval
-            self.eval_texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset,
-                                         size=e.dataset_size, tokenizer=self.tokenizer, field="eval.dataset",
-                                         storage_options=config.storage_options(e.dataset))
-            if e.lm_eval_tasks:
-                _require_lm_eval()
+        if config.activations.uri is None and config.engine.backend == "ray" and config.method == "cosine":
+            raise ReplaceMeError("activations.uri: method: cosine on engine.backend: ray reads the activation "
+                                 "rows back from a store; set activations.uri (file://… or s3://…)")
         self.device = resolve_device(config.device)
-        self.store = self._open_store()
 
-    def _open_store(self) -> ActivationStore | None:
+    def require(self, *inputs: str) -> None:
+        """Open these ``INPUTS`` now (each once per run): a bad one fails here, before the work that reads it."""
+        for name in inputs:
+            getattr(self, name)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        c = self.config
+        return load_texts(c.dataset, column=c.dataset_column, split=c.dataset_subset, size=c.dataset_size,
+                          tokenizer=self.tokenizer, field="dataset", storage_options=c.storage_options(c.dataset))
+
+    @cached_property
+    def eval_texts(self) -> list[str] | None:
+        e = self.config.eval
+        if e is None:
+            return None
+        texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset, size=e.dataset_size,
+                           tokenizer=self.tokenizer, field="eval.dataset", storage_options=self.config.storage_options(e.dataset))
+        if e.lm_eval_tasks:
+            _require_lm_eval()
+        return texts
+
+    @cached_property
+    def eval_cache(self) -> evalcache.PerplexityCache | None:
+        """Where the source's perplexity on the eval set is cached (``eval.cache``); None: not cached."""
+        where = evalcache.location(self.config.eval.cache) if self.config.eval is not None else None
+        if where is None:
+            return None
+        if is_inside(where, self.model_uri):
+            raise ReplaceMeError(f"eval.cache: {redact_uri(where)} is inside the source model {self.model_uri}; the "
+                                 "source is never written to, choose a folder outside it (or false for no cache)")
+        return evalcache.PerplexityCache(where, self.config.storage_options(where))
+
+    @cached_property
+    def store(self) -> ActivationStore | None:
+        """The activation store (``activations.uri``), probed with a write on first use."""
+        if self._activation_store is not None:
+            self._activation_store.check()
+        return self._activation_store
+
+    @cached_property
+    def _activation_store(self) -> ActivationStore | None:
         a = self.config.activations
         if a.uri is None:
-            if self.config.engine.backend == "ray" and self.config.method == "cosine":
-                raise ReplaceMeError("activations.uri: method: cosine on engine.backend: ray reads the activation "
-                                     "rows back from a store; set activations.uri (file://… or s3://…)")
             return None
-        store = ActivationStore(a.uri, self.run_id, endpoint_url=self.config.storage.endpoint_url,
-                                options=self.config.storage.options, row_group_rows=a.row_group_rows)
-        store.check()
-        return store
+        return ActivationStore(a.uri, self.run_id, endpoint_url=self.config.storage.endpoint_url,
+                               options=self.config.storage.options, row_group_rows=a.row_group_rows)
 
     @property
     def output_options(self) -> dict[str, Any]:
@@ -171,15 +207,24 @@ class Context:
         self.timings[step] = round(time.perf_counter() - started, 3)
         self.step_memory[step] = peak_memory.peak_mb()
 
-    def lineage(self) -> dict[str, Any]:
-        """Source model, data, code and job identity, recorded in report.json for MLflow."""
+    def calibration_record(self) -> dict[str, Any]:
+        """The calibration set's identity (URI, digest of the texts, rows) and token count: calibrate
+        records it in its marker, so that the report names the data the maps were fitted on without
+        reading it again."""
+        return {"data": lineage.dataset_identity(self.config.dataset, self.texts),
+                "tokens": sum(b.num_tokens for b in self.batches)}
+
+    def lineage(self, calibration: dict[str, Any] | None = None, *, evaluated: bool = True) -> dict[str, Any]:
+        """Source model, data, code and job identity, recorded in report.json for MLflow. ``calibration``:
+        the identity calibrate recorded (else the texts are read now); ``evaluated``: the eval texts were used."""
         c = self.config
-        data = {"calibration": lineage.dataset_identity(c.dataset, self.texts)}
-        if self.eval_texts is not None:
+        data = {"calibration": calibration or lineage.dataset_identity(c.dataset, self.texts)}
+        if evaluated and c.eval is not None:
             data["evaluation"] = lineage.dataset_identity(c.eval.dataset, self.eval_texts)
-        stores = {"statistics": self.store.location if self.store else f"{c.output_dir.rstrip('/')}/calibration"}
-        if self.store and c.activations.save_rows:
-            stores["activations"] = self.store.location
+        store = self._activation_store
+        stores = {"statistics": store.location if store else f"{c.output_dir.rstrip('/')}/calibration"}
+        if store and c.activations.save_rows:
+            stores["activations"] = store.location
         return {"source_model": lineage.model_identity(self.checkpoint), "datasets": data,
                 "code": lineage.code_version(), **lineage.job_ids(), "stores": stores}
 
@@ -359,19 +404,33 @@ def merge(ctx: Context, out: OutputDir) -> None:
 
 
 def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
-    """Held-out perplexity of the source and of the pruned model in ``model/``."""
+    """Held-out perplexity of the source and of the pruned model in ``model/``. The source's is read
+    from ``eval.cache`` when it was computed on these weights, eval batches and settings, else
+    computed and stored there (see :mod:`replaceme.evalcache`)."""
     if ctx.eval_texts is None:
         return {}
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
     shared = min(s for s, _ in saved_blocks(out)) - 1
     budget = ctx.config.engine.memory_budget
     with ctx.timed("evaluate"):
-        source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress,
-                             memory_budget=budget)
+        cache, key, cached = ctx.eval_cache, None, None
+        if cache is not None:
+            dtype = resolve_dtype(ctx.config.compute_dtype, ctx.device, ctx.checkpoint.dtype)
+            key = cache.key(ctx.checkpoint, ctx.eval_batches, dtype=dtype, device=ctx.device)
+            cached = cache.get(key) if key else None
         with Checkpoint(f"{out.uri}/model", field="output_dir", storage_options=ctx.output_options) as pruned:
             target = LocalEngine(ctx.layerwise(pruned), ctx.eval_batches, progress=ctx.progress, memory_budget=budget)
-            (before, tokens), (after, _) = source.perplexities([target], shared=shared)
-    metrics = {"perplexity_before": before, "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
+            if cached is None:
+                source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress,
+                                     memory_budget=budget)
+                (before, tokens), (after, _) = source.perplexities([target], shared=shared)
+                if key:
+                    cache.put(key, before, tokens, source=ctx.model_uri)
+            else:  # no source layer runs: the pruned model runs its own first layers (the source's, byte for byte)
+                (before, tokens), (after, _) = cached, target.perplexity()
+                log.info("evaluate: the source's perplexity %.4f comes from %s", before, cache.entry_uri(key))
+    metrics = {"perplexity_before": before, "perplexity_before_cached": cached is not None, "perplexity_after": after,
+               "retention": before / after, "eval_tokens": tokens}
     if ctx.config.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
     return metrics
@@ -465,6 +524,7 @@ def write_report(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[
         memory.update(marker.get("step_memory", {}))
     timings.update(ctx.timings)
     memory.update(ctx.step_memory)
+    calibration = (markers.read_marker(out, "calibrate") or {}).get("calibration") or ctx.calibration_record()
     removed = ctx.num_layers - len(kept_layers(ctx.num_layers, blocks))
     report = {
         "replaceme_version": __version__,
@@ -475,14 +535,14 @@ def write_report(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[
         "removed_layers": removed,
         "removed_fraction": removed / ctx.num_layers,
         "method": ctx.config.method,
-        "calibration_tokens": sum(b.num_tokens for b in ctx.batches),
+        "calibration_tokens": calibration["tokens"],
         **metrics,
         "solver": json.loads(out.read_text(SOLVER_DETAILS))["blocks"],
         "seconds": timings,
         "peak_memory_mb": _overall_peak(memory.values()),
         "step_peak_memory_mb": memory,
         "device": str(ctx.device),
-        "lineage": ctx.lineage(),
+        "lineage": ctx.lineage(calibration["data"], evaluated="perplexity_before" in metrics),
         "config": ctx.config.public_dict(),
     }
     out.write_json("report.json", report)
@@ -508,7 +568,8 @@ class Step:
     name: str
     work: Callable[[StepRunner], dict[str, Any]]
     inputs: Callable[[ReplaceMeConfig], dict[str, str]] = lambda config: {}  # artefact -> step that makes it
-    needs_model: bool = True  # opens a Context (tokenizer, data, checkpoint index)
+    needs_model: bool = True  # opens a Context (checkpoint index, blocks)
+    uses: Callable[[ReplaceMeConfig], tuple[str, ...]] = lambda config: ()  # the Context.INPUTS its work reads
 
 
 @dataclass(frozen=True)
@@ -529,7 +590,8 @@ def _profile_step(job: StepRunner) -> dict[str, Any]:
 
 def _calibrate_step(job: StepRunner) -> dict[str, Any]:
     details = calibrate(job.ctx, job.out, saved_blocks(job.out))
-    return {"solver": details, "artefacts": artefact_uris(job.out, "transforms.safetensors", "calibration")}
+    return {"solver": details, "calibration": job.ctx.calibration_record(),
+            "artefacts": artefact_uris(job.out, "transforms.safetensors", "calibration")}
 
 
 def _solve_step(job: StepRunner) -> dict[str, Any]:
@@ -545,6 +607,8 @@ def _evaluate_step(job: StepRunner) -> dict[str, Any]:
     ctx, out = job.ctx, job.out
     if ctx.eval_texts is None:
         log.warning("evaluate: no eval data configured; report.json will have no perplexities")
+    if "calibration" not in (markers.read_marker(out, "calibrate") or {}):  # made by an older version: the
+        ctx.require("texts")  # report reads the calibration set, checked before the model passes
     metrics = evaluate(ctx, out)
     write_report(ctx, out, metrics)
     return {"metrics": metrics, "artefacts": artefact_uris(out, "report.json")}
@@ -568,11 +632,13 @@ def _solve_inputs(config: ReplaceMeConfig) -> dict[str, str]:
 
 
 STEPS: dict[str, Step] = {step.name: step for step in (
-    Step("profile", _profile_step),
-    Step("calibrate", _calibrate_step, inputs=lambda config: {"blocks.json": "profile"}),
-    Step("solve", _solve_step, inputs=_solve_inputs),
+    Step("profile", _profile_step, uses=lambda config: () if config.blocks else ("texts", "store")),
+    Step("calibrate", _calibrate_step, inputs=lambda config: {"blocks.json": "profile"},
+         uses=lambda config: ("texts", "store")),
+    Step("solve", _solve_step, inputs=_solve_inputs, uses=lambda config: ("store",)),
     Step("merge", _merge_step, inputs=lambda config: {"transforms.safetensors": "solve"}),
-    Step("evaluate", _evaluate_step, inputs=lambda config: {"model/config.json": "merge"}),
+    Step("evaluate", _evaluate_step, inputs=lambda config: {"model/config.json": "merge"},
+         uses=lambda config: ("eval_texts", "eval_cache")),
     Step("register", _register_step, inputs=lambda config: {"report.json": "evaluate"}, needs_model=False),
 )}
 EXPENSIVE = ("profile", "calibrate")  # model passes: the CLI replaces their artefacts only with --overwrite
@@ -632,6 +698,8 @@ class StepRunner:
         if self.protect and name in EXPENSIVE and not self.force and done is not None:
             raise ReplaceMeError(f"{name}: {self.out.uri} already holds the {name} step's results, made with other "
                                  f"settings; pass --overwrite to replace them (the steps after it are then redone)")
+        if step.needs_model:  # a bad input fails here, before the step removes anything or starts its work
+            self.ctx.require(*step.uses(self.config))
         self.out.ensure_owned()
         if name != "register":  # a crash from here on must not leave markers or a report that look current
             markers.invalidate_after(self.out, name)
@@ -708,6 +776,8 @@ def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[st
     steps = ["profile", "calibrate", "solve"] + ([] if config.save_transform_only else ["merge", "evaluate"])
     with locked(config.output_dir, storage_options=options):  # first: a second run fails at once
         ctx = Context(config, progress=progress)
+        used = {name for step in steps for name in STEPS[step].uses(config)}
+        ctx.require(*(name for name in Context.INPUTS if name in used))  # every input the steps read, before any work
         torch.manual_seed(config.seed)
         try:
             with staged_output(config.output_dir, overwrite=config.overwrite, inputs=ctx.input_paths(),

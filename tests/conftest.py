@@ -27,6 +27,11 @@ use_ray_token_auth()  # before any test module imports Ray
 _MLFLOW_STORE = tempfile.mkdtemp(prefix="replaceme-tests-mlflow-")
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_STORE}/mlflow.db"
 atexit.register(shutil.rmtree, _MLFLOW_STORE, ignore_errors=True)
+# Evaluations cache the source model's perplexity (replaceme.evalcache): in a folder of the session's
+# own, never the user's ~/.cache; tests of the cache itself point eval.cache at their tmp_path.
+_EVAL_CACHE = tempfile.mkdtemp(prefix="replaceme-tests-cache-")
+os.environ["REPLACEME_CACHE"] = _EVAL_CACHE
+atexit.register(shutil.rmtree, _EVAL_CACHE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = ROOT / "examples" / "shakespeare-llama-16l"

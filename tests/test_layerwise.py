@@ -78,7 +78,8 @@ def test_evaluation_runs_the_unchanged_first_layers_once_and_reports_the_same_pe
     from replaceme import recipe
     from replaceme.config import validate_config
 
-    config = validate_config(dict(model_path=str(tiny_llama), dataset=str(CALIB), eval=str(EVAL), dataset_size=8,
+    config = validate_config(dict(model_path=str(tiny_llama), dataset=str(CALIB), dataset_size=8,
+                                  eval={"dataset": str(EVAL), "cache": False},  # the source is evaluated each time
                                   max_length=32, blocks=[[3, 5]], output_dir=str(tmp_path / "out"),
                                   mlflow={"enabled": False}))
     report = recipe.run(config, progress=False)
