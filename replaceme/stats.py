@@ -83,6 +83,11 @@ class CandidateStats:
         self.stats.update(x, h_after - h_before + x)
         self.stream_sq += float(h_after.to(torch.float64).square().sum())
 
+    def __iadd__(self, other: CandidateStats) -> CandidateStats:
+        self.stats += other.stats
+        self.stream_sq += other.stream_sq
+        return self
+
 
 @dataclass
 class AngleSums:

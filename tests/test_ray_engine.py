@@ -26,6 +26,7 @@ from replaceme.config import validate_config
 from replaceme.distributed.stage import Payload, PhasePlan, Stage, StageRestarted
 from replaceme.engine import LocalEngine
 from replaceme.errors import ReplaceMeError
+from replaceme.stats import AngleSums, CandidateStats
 
 ray = pytest.importorskip("ray")
 
@@ -94,7 +95,7 @@ def test_distances_match_the_in_process_engine(tmp_path, ray_head, replicas, sta
     with single_threaded():
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).distances(PROFILED)
     with closing(recipe.calibration_engine(ctx)) as engine:
-        got = engine.distances(PROFILED)
+        got = engine.profile(PROFILED).distances
     assert [(s, e) for s, e, _ in got] == [(s, e) for s, e, _ in expected] == [(s, s + PROFILED) for s in range(1, 11)]
     worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected, got, strict=True))
     print("distances: largest relative difference", worst)
@@ -129,7 +130,8 @@ def test_a_retried_shard_counts_its_distances_once(tmp_path):
             for batch in seen:
                 stage.forward(Payload(0, attempt, batch.input_ids, batch.attention_mask))
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), batches, progress=False).distances(PROFILED)
-    assert stage.finish_profile(0, 1).distances() == expected
+    angles = stage.finish_profile(0, 1)  # no candidates' statistics: the angle sums alone
+    assert isinstance(angles, AngleSums) and angles.distances() == expected
     with pytest.raises(StageRestarted):  # attempt 0 is gone: it can never be counted
         stage.finish_profile(0, 0)
 
@@ -162,10 +164,10 @@ def shard_zero_arrives_last(monkeypatch):
 
     run_shards = RayEngine._run_shards
 
-    def rotated(self, *args, on_done=None, **kwargs):
+    def rotated(self, pipelines, plan, committed, on_done=None):
         held = []
         late_zero = None if on_done is None else (lambda shard: held.append(shard) if shard.index == 0 else on_done(shard))
-        done = sorted(run_shards(self, *args, on_done=late_zero, **kwargs), key=lambda shard: shard.index)
+        done = sorted(run_shards(self, pipelines, plan, committed, on_done=late_zero), key=lambda shard: shard.index)
         for shard in held:
             on_done(shard)
         return done[1:] + done[:1]
@@ -190,6 +192,7 @@ def test_sums_do_not_depend_on_the_order_shards_arrive_in(tmp_path, ray_head, mo
     (profiled, fits), (profiled_reordered, fits_reordered) = runs
     assert len(ctx.batches) == 6
     assert profiled_reordered.distances == profiled.distances
+    assert profiled.candidates is not None and profiled_reordered.candidates is not None
     assert profiled.candidates.keys() == profiled_reordered.candidates.keys()
     for block, want in profiled.candidates.items():
         have = profiled_reordered.candidates[block]
@@ -286,7 +289,7 @@ def _wait_for_commit_then_kill_a_stage(store, worker: threading.Thread, address:
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
-    stages = []
+    stages: list = []
     while len(stages) < 2 and time.monotonic() < deadline and worker.is_alive():
         stages = list_actors(address=address, filters=[("class_name", "=", "Stage"), ("state", "=", "ALIVE")],
                              detail=True)
@@ -308,7 +311,12 @@ def test_calibration_after_profile_reuses_the_stages(tmp_path, ray_head, monkeyp
 
     started = []
     start = RayEngine._start_pipelines
-    monkeypatch.setattr(RayEngine, "_start_pipelines", lambda self, layers: started.append(layers) or start(self, layers))
+
+    def recorded(self, layers):
+        started.append(layers)
+        return start(self, layers)
+
+    monkeypatch.setattr(RayEngine, "_start_pipelines", recorded)
     config = validate_config(settings(tmp_path, ray_head, layers_to_skip=3, num_A=2, merge_consecutive=False,
                                       engine={"stages": 2}))
     assert config.second_pass_reason is not None
@@ -361,26 +369,35 @@ def test_stages_gather_the_candidates_statistics_of_the_profile_pass(tmp_path):
                     payload = stage.forward(payload)
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).profile(
             PROFILED, statistics=True)
-    got, angles = {}, None
+    got: dict[tuple[int, int], CandidateStats] = {}
+    angles: AngleSums | None = None
     for stage in stages:
         result = stage.finish_profile(0, 1)
-        partial, *stats = result if isinstance(result, list) else [result]
-        got.update(zip(stage.ending_blocks(plan), stats))
+        if isinstance(result, list):
+            partial, *stats = result
+        else:
+            partial, stats = result, []
+        assert isinstance(partial, AngleSums)
+        got.update(zip(stage.ending_blocks(plan), stats, strict=True))
         if angles is None:
             angles = partial
         else:
             angles += partial
+    assert angles is not None
     assert any(s - 1 < 5 <= e - 1 for s, e in got)  # candidates straddling the stage boundary
     assert angles.distances() == expected.distances
     assert_same_candidates(expected.candidates, got, tolerance=0.0)
     with pytest.raises(StageRestarted):  # attempt 0 is gone: it can never be counted
         stages[1].finish_profile(0, 0)
+    stages[0].plan = None  # as a restart after the shard's forward leaves it: the driver redoes the shard
+    with pytest.raises(StageRestarted):
+        stages[0].finish_shard(0, 1)
 
 
 def test_profile_statistics_match_the_in_process_engine(tmp_path, ray_head):
     """R=2 × S=2: every candidate's statistics from the profile pass itself, summed over three shards
     on the stage actors, equal the in-process engine's to float64 round-off."""
-    from replaceme.distributed.engine import split_layers
+    from replaceme.distributed.engine import RayEngine, split_layers
 
     config = validate_config(settings(tmp_path, ray_head, engine={"replicas": 2, "stages": 2}))
     ctx = recipe.Context(config, progress=False)
@@ -390,10 +407,13 @@ def test_profile_statistics_match_the_in_process_engine(tmp_path, ray_head):
     with closing(recipe.calibration_engine(ctx)) as engine:
         got = engine.profile(PROFILED, statistics=True)
     boundary = split_layers(ctx.checkpoint.config, ctx.num_layers, 2)[1].start
+    assert got.candidates is not None
     assert any(s - 1 < boundary <= e - 1 for s, e in got.candidates)  # some straddle the stage boundary
-    assert len(engine.shards) == 3
-    worst = max(abs(have - want) / want for (*_, want), (*_, have) in zip(expected.distances, got.distances))
-    assert [b[:2] for b in got.distances] == [b[:2] for b in expected.distances] and worst <= 1e-12
+    assert isinstance(engine, RayEngine) and len(engine.shards) == 3
+    assert [b[:2] for b in got.distances] == [b[:2] for b in expected.distances]
+    worst = max(abs(have - want) / want
+                for (*_, want), (*_, have) in zip(expected.distances, got.distances, strict=True))
+    assert worst <= 1e-12
     assert_same_candidates(expected.candidates, got.candidates, tolerance=1e-9)
 
 
@@ -406,8 +426,12 @@ def test_run_on_ray_selects_and_fits_in_one_pass(tmp_path, ray_head, monkeypatch
 
     passes = []
     run_shards = RayEngine._run_shards
-    monkeypatch.setattr(RayEngine, "_run_shards", lambda self, pipelines, plan, *a, **k: (
-        passes.append(plan.profile), run_shards(self, pipelines, plan, *a, **k))[1])
+
+    def counted(self, pipelines, plan, *a, **k):
+        passes.append(plan.profile)
+        return run_shards(self, pipelines, plan, *a, **k)
+
+    monkeypatch.setattr(RayEngine, "_run_shards", counted)
     monkeypatch.setattr(RayEngine, "calibrate", lambda *a, **k: pytest.fail("a second pass over the calibration set"))
     fits = {}
     for backend in ("ray", "local"):
@@ -439,7 +463,8 @@ def test_profile_measures_distances_only_when_the_statistics_do_not_fit(tmp_path
     blocks = tuple((s, s + PROFILED) for s in range(1, 11))
     assert stage.statistics_room(blocks, 2) is None
     monkeypatch.setattr(stage_module, "free_bytes", lambda device: 2**20)
-    assert stage.statistics_room(blocks, 2).startswith("layers 0-15 would hold 10 candidates' statistics for 2 shards")
+    room = stage.statistics_room(blocks, 2)
+    assert room is not None and room.startswith("layers 0-15 would hold 10 candidates' statistics for 2 shards")
     engine = object.__new__(RayEngine)
     engine.ray = SimpleNamespace(get=lambda refs: refs)
     engine.engine = EngineConfig(backend="ray")

@@ -30,8 +30,9 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,8 +40,8 @@ from tqdm.auto import tqdm
 from replaceme.activations import StoredRows
 from replaceme.config import EngineConfig
 from replaceme.data import Batch
-from replaceme.distributed.cluster import connect, reserve, require_ray
-from replaceme.distributed.stage import StageRestarted, Payload, PhasePlan, Stage
+from replaceme.distributed.cluster import connect, require_ray, reserve
+from replaceme.distributed.stage import Payload, PhasePlan, Stage, StageRestarted
 from replaceme.engine import BlockCapture, Estimator, Profile, angle_sums
 from replaceme.errors import ReplaceMeError
 from replaceme.memory import free_bytes, gib
@@ -49,6 +50,9 @@ from replaceme.stats import BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
+# Ray's own types are not analysed here (mypy skips the ray package), so its handles are Any:
+ActorHandle = Any  # a Stage actor: its methods are called as ``actor.method.remote(...)``
+ObjectRef = Any  # a ref to a Ray object (a Payload, partial statistics, a token count, ...)
 
 
 def split_layers(model_config: dict, needed_layers: int, stages: int) -> list[range]:
@@ -66,16 +70,16 @@ class _Shard:
     index: int
     batches: list[Batch]
     attempt: int = 0
-    outputs: list = field(default_factory=list)  # refs awaited: last-stage results, then token counts or angle sums
-    waiting: set = field(default_factory=set)  # of those, not yet returned
-    stats: dict | None = None  # block → partials ref, once the shard's forward is done
+    outputs: list[ObjectRef] = field(default_factory=list)  # awaited: last-stage results, then counts or angle sums
+    waiting: set[ObjectRef] = field(default_factory=set)  # of those, not yet returned
+    stats: dict[Block, ObjectRef] | None = None  # block → partials ref, once the shard's forward is done
     results: list = field(default_factory=list)  # what the stages' finish calls returned (small)
 
 
 @dataclass
 class _Pipeline:
-    group: object  # its placement group
-    stages: list[tuple[object, range]]  # (actor, layers)
+    group: Any  # its placement group
+    stages: list[tuple[ActorHandle, range]]  # (actor, layers)
     running: int = 0  # shards in flight
 
 
@@ -195,7 +199,8 @@ class RayEngine:
         phases = [[b] for b in blocks] if sequential else [blocks]
         pipelines = self._pipelines_for(max(e for _, e in blocks))
         try:
-            results, applied = [], {}
+            results: list[tuple[BlockCapture, torch.Tensor]] = []
+            applied: dict[Block, torch.Tensor] = {}
             for phase in phases:
                 started = time.perf_counter()
                 plan = PhasePlan(tuple(phase), dict(applied), max(e for _, e in phase), self.save_rows)
@@ -216,15 +221,15 @@ class RayEngine:
     def _run_phase(self, pipelines: list[_Pipeline], plan: PhasePlan) -> dict[Block, BlockStats]:
         self._send_plan(pipelines, plan)
         committed = self._committed(plan)
-        partials: dict[Block, dict[int, object]] = {b: {} for b in plan.blocks}  # block → shard index → ref
+        partials: dict[Block, dict[int, ObjectRef]] = {b: {} for b in plan.blocks}  # block → shard index → ref
         for shard in self._run_shards(pipelines, plan, committed):
-            for block, ref in shard.stats.items():
+            for block, ref in _partials(shard).items():
                 partials[block][shard.index] = ref
-        totals = {}
+        totals: dict[Block, BlockStats] = {}
         reducers = [actor for p in pipelines for actor, layers in p.stages if layers.start < plan.end_layer]
         for block in plan.blocks:
-            for n, shard in enumerate(sorted(committed)):
-                partials[block][shard] = reducers[n % len(reducers)].load_stats.remote(block, shard)
+            for n, index in enumerate(sorted(committed)):
+                partials[block][index] = reducers[n % len(reducers)].load_stats.remote(block, index)
             # Summed in shard order, whichever shard arrived, was retried or was resumed first: the
             # same calibration set gives bit-identical statistics however the run went.
             totals[block] = tree_sum([partials[block][i] for i in sorted(partials[block])], reducers)
@@ -233,11 +238,12 @@ class RayEngine:
         return totals
 
     def _run_shards(self, pipelines: list[_Pipeline], plan: PhasePlan, committed: set[int],
-                    on_done=None) -> list[_Shard]:
+                    on_done: Callable[[_Shard], None] | None = None) -> list[_Shard]:
         """Every shard not yet committed through the pipelines, retried where a worker died; returns
         each shard once, as its last (complete) attempt left it (also given to ``on_done`` as it completes)."""
         queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
-        done, pending = [], {}  # pending: outstanding ref → (pipeline, shard)
+        done: list[_Shard] = []
+        pending: dict[ObjectRef, tuple[_Pipeline, _Shard]] = {}  # outstanding ref → (pipeline, shard)
         per_pipeline = self._shards_per_pipeline()
         with tqdm(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
                   unit="shard", disable=not self.progress, leave=False) as bar:
@@ -266,7 +272,8 @@ class RayEngine:
     def _send_plan(self, pipelines: list[_Pipeline], plan: PhasePlan) -> None:
         self.ray.get([actor.set_plan.remote(plan) for p in pipelines for actor, _ in p.stages])
 
-    def _submit(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
+    def _submit(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan,
+                pending: dict[ObjectRef, tuple[_Pipeline, _Shard]]) -> None:
         """Every micro-batch of the shard through the stages the pass needs; actors run them as they
         arrive, so stage k works on one micro-batch while stage k+1 works on the previous one."""
         used = [actor for actor, layers in pipeline.stages if layers.start < plan.end_layer]
@@ -281,7 +288,7 @@ class RayEngine:
             pending[ref] = (pipeline, shard)
         pipeline.running += 1
 
-    def _next_returned(self, pending: dict) -> tuple[_Pipeline, _Shard]:
+    def _next_returned(self, pending: dict[ObjectRef, tuple[_Pipeline, _Shard]]) -> tuple[_Pipeline, _Shard]:
         """Wait until everything outstanding for some shard has come back (or failed)."""
         while True:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
@@ -290,26 +297,28 @@ class RayEngine:
             if not shard.waiting:
                 return pipeline, shard
 
-    def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan, pending: dict) -> None:
+    def _finish(self, pipeline: _Pipeline, shard: _Shard, plan: PhasePlan,
+                pending: dict[ObjectRef, tuple[_Pipeline, _Shard]]) -> None:
         """Ask the stages ending a block for the shard's partials. They stay object refs: the driver
         waits for the small token counts (proof that they were produced) but never fetches them.
         A profile pass's angle partials are themselves small: the driver fetches them (and keeps
         refs to the candidates' statistics)."""
-        shard.stats, shard.outputs = {}, []
+        stats: dict[Block, ObjectRef] = {}
+        shard.stats, shard.outputs = stats, []
         for actor, layers in pipeline.stages:
             ending = [b for b in plan.blocks if b[1] - 1 in layers]
             if plan.profile:  # every stage holds angle sums (a float per block): fetched by the driver
                 if ending:
                     angles, *refs = actor.finish_profile.options(num_returns=len(ending) + 1).remote(
                         shard.index, shard.attempt)
-                    shard.stats.update(zip(ending, refs))
+                    stats.update(zip(ending, refs, strict=True))  # num_returns: one ref per ending block
                 else:
                     angles = actor.finish_profile.remote(shard.index, shard.attempt)
                 shard.outputs.append(angles)
                 continue
             if ending:
                 *refs, tokens = actor.finish_shard.options(num_returns=len(ending) + 1).remote(shard.index, shard.attempt)
-                shard.stats.update(zip(ending, refs))
+                stats.update(zip(ending, refs, strict=True))  # num_returns: one ref per ending block
                 shard.outputs.append(tokens)
         shard.waiting = set(shard.outputs)
         for ref in shard.outputs:
@@ -361,7 +370,7 @@ class RayEngine:
         ranges = split_layers(self.settings.model_config, needed_layers, e.stages)
         bundle = {"CPU": e.cpus_per_stage, **({"GPU": e.gpus_per_stage} if e.gpus_per_stage else {})}
         actor_class = self.ray.remote(Stage)
-        pipelines = []
+        pipelines: list[_Pipeline] = []
         for replica in range(e.replicas):
             try:
                 group = reserve([dict(bundle) for _ in ranges], timeout_s=e.resource_timeout_s,
@@ -400,17 +409,17 @@ class _ShardOrderFold:
     order whatever order they complete in: ((p0 + p1) + p2) + …, so the sums do not depend on
     timing, and a partial waits in the object store only until the shards before it are done."""
 
-    def __init__(self, blocks: Sequence[Block], reducers: dict[Block, object]) -> None:
+    def __init__(self, blocks: Sequence[Block], reducers: dict[Block, ActorHandle]) -> None:
         self.blocks = list(blocks)
         self.reducers = reducers
-        self.totals: dict[Block, object] = {}  # block → ref of the sum of shards < self.next
-        self.waiting: dict[int, dict[Block, object]] = {}  # shard index → its partials' refs
+        self.totals: dict[Block, ObjectRef] = {}  # block → ref of the sum of shards < self.next
+        self.waiting: dict[int, dict[Block, ObjectRef]] = {}  # shard index → its partials' refs
         self.next = 0
 
     def add(self, shard: _Shard) -> None:
         if not self.blocks:
             return
-        self.waiting[shard.index] = shard.stats
+        self.waiting[shard.index] = _partials(shard)
         while self.next in self.waiting:
             for block, ref in self.waiting.pop(self.next).items():
                 total = self.totals.get(block)
@@ -420,21 +429,28 @@ class _ShardOrderFold:
     def result(self, ray) -> dict[Block, CandidateStats] | None:
         """The candidates' sums, or None (with a warning) when a stage worker died holding one."""
         try:
-            return dict(zip(self.blocks, ray.get([self.totals[b] for b in self.blocks])))
+            return dict(zip(self.blocks, ray.get([self.totals[b] for b in self.blocks]), strict=True))
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as exc:
             log.warning("the candidate blocks' statistics were lost with a stage worker (%s); the selected blocks "
                         "are fitted in a second pass", _cause(exc))
             return None
 
 
-def _reducers(pipelines: list[_Pipeline], blocks: Sequence[Block]) -> dict[Block, object]:
+def _partials(shard: _Shard) -> dict[Block, ObjectRef]:
+    """The partials' refs of a shard that :meth:`RayEngine._run_shards` returned (its forward done)."""
+    if shard.stats is None:
+        raise AssertionError(f"data shard {shard.index} has no partials: its forward is not done")
+    return shard.stats
+
+
+def _reducers(pipelines: list[_Pipeline], blocks: Sequence[Block]) -> dict[Block, ActorHandle]:
     """The actor summing each candidate's partials: the stage holding its last layer, in the
     pipelines in turn (the sums spread over the replicas)."""
     return {block: next(actor for actor, layers in pipelines[n % len(pipelines)].stages if block[1] - 1 in layers)
             for n, block in enumerate(blocks)}
 
 
-def tree_sum(refs: list, reducers: list) -> BlockStats:
+def tree_sum(refs: list[ObjectRef], reducers: list[ActorHandle]) -> BlockStats:
     """Sum partial statistics pairwise on the (warm, already placed) stage actors, level by level;
     only the final sum reaches the driver. Ray tasks would each need a fresh worker process that
     imports torch, and on a cluster whose CPUs the stages hold, a CPU to run on."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -24,8 +25,12 @@ from replaceme.layerwise import LayerwiseModel
 from replaceme.memory import free_bytes, gib
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
+if TYPE_CHECKING:
+    from replaceme.activations import RowWriter
+
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
+Partial = TypeVar("Partial", BlockStats, CandidateStats)  # what the driver's reductions sum
 
 # The share of the memory free on a stage's device (its layers loaded) that the candidate blocks'
 # statistics of a profile pass may take, for every shard in flight; above it the profile measures
@@ -77,9 +82,10 @@ class Stage:
         self.modules = {i: self.model.load_layer(i) for i in layers}
         self.store = store
         self.plan: PhasePlan | None = None
-        self._stats: dict[tuple[Block, int, int], BlockStats | CandidateStats] = {}
+        self._stats: dict[tuple[Block, int, int], BlockStats] = {}  # (block, shard, attempt) → calibration partials
+        self._candidates: dict[tuple[Block, int, int], CandidateStats] = {}  # same keys → profile statistics
         self._angles: dict[tuple[int, int], AngleSums] = {}  # (shard, attempt) → profile partials
-        self._writers: dict[tuple[Block, int, int], object] = {}
+        self._writers: dict[tuple[Block, int, int], RowWriter] = {}
 
     def ready(self) -> bool:
         return True
@@ -94,15 +100,13 @@ class Stage:
         if plan is None:
             raise StageRestarted(f"stage {self.layers} has no plan for this pass (restarted since)")
         mask = payload.attention_mask.to(self.device)
-        if payload.hidden is None:  # the first stage: the pipeline starts from the token ids
-            hidden = self.model.embed(payload.input_ids, mask)
-        else:
-            hidden = payload.hidden.to(self.device)
+        # the first stage (no hidden states yet): the pipeline starts from the token ids
+        hidden = self.model.embed(payload.input_ids, mask) if payload.hidden is None else payload.hidden.to(self.device)
         if plan.profile:  # created even when no block ends here: a missing entry means a restart
             self._angles.setdefault((payload.shard, payload.attempt), AngleSums(plan.profile))
             for block in self.ending_blocks(plan):
-                if (block, payload.shard, payload.attempt) not in self._stats:
-                    self._stats[(block, payload.shard, payload.attempt)] = CandidateStats.zeros(
+                if (block, payload.shard, payload.attempt) not in self._candidates:
+                    self._candidates[(block, payload.shard, payload.attempt)] = CandidateStats.zeros(
                         self.model.hidden_size, self.device)
             payload.window = [rows.to(self.device) for rows in payload.window]
             payload.candidate_x = {b: rows.to(self.device) for b, rows in payload.candidate_x.items()}
@@ -167,7 +171,8 @@ class Stage:
             angles.add(start, before, rows)
             block = (start, index + 1)
             if block in payload.candidate_x:
-                self._stats[(block, payload.shard, payload.attempt)].update(payload.candidate_x.pop(block), before, rows)
+                self._candidates[(block, payload.shard, payload.attempt)].update(
+                    payload.candidate_x.pop(block), before, rows)
 
     def _close_block(self, block: Block, h_after: torch.Tensor, payload: Payload, plan: PhasePlan) -> None:
         h_before, x = payload.taps.pop(block)
@@ -186,8 +191,8 @@ class Stage:
         """Statistics of the blocks ending on this stage for one shard attempt (in
         :meth:`ending_blocks` order), then the token count; committed to the store with the rows
         part when there is one. Stale attempts of the shard are dropped."""
-        finished = []
-        for block in self.ending_blocks(self.plan):
+        finished: list[BlockStats] = []
+        for block in self.ending_blocks(self._plan_of(shard, attempt)):
             stats = self._stats.pop((block, shard, attempt), None)
             if stats is None:
                 raise StageRestarted(f"stage {self.layers} has no statistics for block {block}, shard {shard}, "
@@ -209,9 +214,9 @@ class Stage:
         if angles is None:
             raise StageRestarted(f"stage {self.layers} has no distances for shard {shard}, attempt {attempt} "
                                  "(restarted since)")
-        finished = []
-        for block in self.ending_blocks(self.plan):
-            partial = self._stats.pop((block, shard, attempt), None)
+        finished: list[CandidateStats] = []
+        for block in self.ending_blocks(self._plan_of(shard, attempt)):
+            partial = self._candidates.pop((block, shard, attempt), None)
             if partial is None:
                 raise StageRestarted(f"stage {self.layers} has no statistics for candidate {block}, shard {shard}, "
                                      f"attempt {attempt} (restarted since)")
@@ -220,6 +225,15 @@ class Stage:
                                            partial.stream_sq))
         self._drop_stale(shard, attempt)
         return [angles, *finished] if finished else angles
+
+    def _plan_of(self, shard: int, attempt: int) -> PhasePlan:
+        """The pass's plan, which a restart since the shard's forward has lost (the driver then redoes
+        the shard)."""
+        plan = self.plan
+        if plan is None:
+            raise StageRestarted(f"stage {self.layers} has no plan for shard {shard}, attempt {attempt} "
+                                 "(restarted since)")
+        return plan
 
     def statistics_room(self, blocks: tuple[Block, ...], shards: int) -> str | None:
         """None when this stage can gather the statistics of the candidates among ``blocks`` ending
@@ -233,12 +247,8 @@ class Stage:
         return (f"layers {self.layers.start}-{self.layers.stop - 1} would hold {count} candidates' statistics for "
                 f"{shards} shards in flight, {gib(need)} of {gib(free)} free on {self.device.type}")
 
-    def add_stats(self, a: BlockStats | CandidateStats, b: BlockStats | CandidateStats) -> BlockStats | CandidateStats:
+    def add_stats(self, a: Partial, b: Partial) -> Partial:
         """One step of the driver's reductions of partial statistics (a block's or a candidate's)."""
-        if isinstance(a, CandidateStats):
-            a.stats += b.stats
-            a.stream_sq += b.stream_sq
-            return a
         a += b
         return a
 
@@ -249,6 +259,8 @@ class Stage:
     def _drop_stale(self, shard: int, attempt: int) -> None:
         for key in _earlier(self._stats, shard, attempt):
             del self._stats[key]
+        for key in _earlier(self._candidates, shard, attempt):
+            del self._candidates[key]
         for key in _earlier(self._angles, shard, attempt):
             del self._angles[key]
         for key in _earlier(self._writers, shard, attempt):
