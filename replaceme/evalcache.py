@@ -22,6 +22,7 @@ corrupt is recomputed, with a warning, never trusted and never fatal. The cache 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -197,10 +198,8 @@ def _write_atomically(path: str, data: bytes) -> None:
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
 
 

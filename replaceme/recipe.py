@@ -43,12 +43,11 @@ from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
 from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
 from replaceme.merge import kept_layers, merge_checkpoint
-from replaceme.outputs import (OWNER_FILE, OutputDir, claim_in_place, discard_staging, is_inside, locked,
-                               staged_output)
+from replaceme.outputs import OWNER_FILE, OutputDir, claim_in_place, discard_staging, is_inside, locked, staged_output
 from replaceme.plots import plot_distances
+from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
 from replaceme.stats import BlockStats
 from replaceme.storage import filesystem
-from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
@@ -178,8 +177,10 @@ class Context:
 
     @cached_property
     def eval_batches(self) -> list[Batch]:
-        e, c = self.config.eval, self.config
-        return make_batches(self.eval_texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
+        e, c, texts = self.config.eval, self.config, self.eval_texts
+        if e is None or texts is None:
+            raise ReplaceMeError("eval: no evaluation texts are configured; set eval.dataset")
+        return make_batches(texts, self.tokenizer, batch_size=e.batch_size or c.batch_size,
                             max_length=e.max_length or c.max_length, field="eval.dataset",
                             context=self.checkpoint.config.get("max_position_embeddings"),
                             length_key="eval.max_length" if e.max_length else "max_length")
@@ -219,7 +220,7 @@ class Context:
         the identity calibrate recorded (else the texts are read now); ``evaluated``: the eval texts were used."""
         c = self.config
         data = {"calibration": calibration or lineage.dataset_identity(c.dataset, self.texts)}
-        if evaluated and c.eval is not None:
+        if evaluated and c.eval is not None and self.eval_texts is not None:
             data["evaluation"] = lineage.dataset_identity(c.eval.dataset, self.eval_texts)
         store = self._activation_store
         stores = {"statistics": store.location if store else f"{c.output_dir.rstrip('/')}/calibration"}
@@ -243,7 +244,7 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
     saved = _read_distances(ctx)
     candidates = None
     with ctx.timed("profile"):
-        if saved is not None:
+        if saved is not None and c.distances_path:
             distances = reusable_distances(saved, c.distances_path, block_size=c.layers_to_skip, model_digest=model_digest)
             log.info("reusing block distances from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
@@ -382,7 +383,15 @@ def _saved_capture(ctx: Context, out: OutputDir, block: Block) -> BlockCapture:
 def saved_blocks(out: OutputDir) -> list[Block] | None:
     if not out.exists("blocks.json"):
         return None
-    return [tuple(b) for b in json.loads(out.read_text("blocks.json"))]
+    return [(int(s), int(e)) for s, e in json.loads(out.read_text("blocks.json"))]
+
+
+def required_blocks(out: OutputDir) -> list[Block]:
+    """The blocks of ``blocks.json``, which the profile step writes."""
+    blocks = saved_blocks(out)
+    if not blocks:
+        raise ReplaceMeError(f"output_dir: {out.uri} has no blocks.json; run `replaceme profile` first")
+    return blocks
 
 
 def merge(ctx: Context, out: OutputDir) -> None:
@@ -410,7 +419,7 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
     if ctx.eval_texts is None:
         return {}
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
-    shared = min(s for s, _ in saved_blocks(out)) - 1
+    shared = min(s for s, _ in required_blocks(out)) - 1
     budget = ctx.config.engine.memory_budget
     with ctx.timed("evaluate"):
         cache, key, cached = ctx.eval_cache, None, None
@@ -424,14 +433,15 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
                 source = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.eval_batches, progress=ctx.progress,
                                      memory_budget=budget)
                 (before, tokens), (after, _) = source.perplexities([target], shared=shared)
-                if key:
+                if cache is not None and key:
                     cache.put(key, before, tokens, source=ctx.model_uri)
             else:  # no source layer runs: the pruned model runs its own first layers (the source's, byte for byte)
                 (before, tokens), (after, _) = cached, target.perplexity()
-                log.info("evaluate: the source's perplexity %.4f comes from %s", before, cache.entry_uri(key))
-    metrics = {"perplexity_before": before, "perplexity_before_cached": cached is not None, "perplexity_after": after,
-               "retention": before / after, "eval_tokens": tokens}
-    if ctx.config.eval.lm_eval_tasks:
+                log.info("evaluate: the source's perplexity %.4f comes from %s", before,
+                         cache.entry_uri(key) if cache is not None and key else "the cache")
+    metrics: dict[str, Any] = {"perplexity_before": before, "perplexity_before_cached": cached is not None,
+                               "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
+    if ctx.config.eval is not None and ctx.config.eval.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
     return metrics
 
@@ -456,7 +466,13 @@ def load_transforms(out: OutputDir) -> dict[Block, torch.Tensor]:
     if not out.exists("transforms.safetensors"):
         raise ReplaceMeError(f"output_dir: {out.uri} has no transforms.safetensors; run `replaceme calibrate` first")
     tensors = load_safetensors(out.read_bytes("transforms.safetensors"))
-    return {tuple(int(v) for v in key.split("-")): t for key, t in tensors.items()}
+    return {_block_of(key): t for key, t in tensors.items()}
+
+
+def _block_of(key: str) -> Block:
+    """The block of a ``"{s}-{e}"`` key."""
+    start, end = key.split("-")
+    return int(start), int(end)
 
 
 # --- the solver used during calibration ------------------------------------------------------
@@ -475,13 +491,15 @@ class BlockSolver:
         identity = torch.eye(transform.shape[0], dtype=torch.float64)
         if c.method == "cosine":
             init = transform if c.cosine.init == "lstsq" else identity
-            options = dict(init=init, loss=c.loss, solver=c.solver, diag=c.diag, steps=c.cosine.steps, lr=c.cosine.lr,
+            options: dict[str, Any] = dict(init=init, loss=c.loss, solver=c.solver, diag=c.diag, steps=c.cosine.steps, lr=c.cosine.lr,
                            batch_tokens=c.cosine.batch_tokens, seed=c.seed)
             rows = capture.activations
             if isinstance(rows, StoredRows):
                 transform = solve_cosine_streaming(rows.stream, hidden=transform.shape[0], **options)
-            else:
+            elif rows is not None:
                 transform = solve_cosine(*rows.tensors(), **options)
+            else:
+                raise ValueError(f"block {capture.block}: method: cosine needs the activation rows")
         detail = {
             "block": list(capture.block),
             "tokens": capture.stats.tokens,
@@ -589,7 +607,7 @@ def _profile_step(job: StepRunner) -> dict[str, Any]:
 
 
 def _calibrate_step(job: StepRunner) -> dict[str, Any]:
-    details = calibrate(job.ctx, job.out, saved_blocks(job.out))
+    details = calibrate(job.ctx, job.out, required_blocks(job.out))
     return {"solver": details, "calibration": job.ctx.calibration_record(),
             "artefacts": artefact_uris(job.out, "transforms.safetensors", "calibration")}
 
@@ -827,7 +845,7 @@ def _resolve_model_path(config: ReplaceMeConfig) -> str:
     token = config.token.get_secret_value() if config.token else None
     try:
         return snapshot_download(path, token=token, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-    except Exception as exc:  # network, auth, missing repo: one message naming the field
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one message naming the field
         raise ReplaceMeError(f"model_path: {path} is not a local folder and could not be fetched from the "
                              f"Hugging Face Hub ({type(exc).__name__}); check the path or your access") from None
 
