@@ -235,8 +235,10 @@ class Context:
 
 def profile(ctx: Context, out: OutputDir) -> list[Block]:
     """The blocks to remove: named in the config, or chosen by angular distance (measured, or reused
-    from ``distances_path``); writes blocks.json (and distances.csv/.png when chosen)."""
+    from ``distances_path``); writes blocks.json (and distances.csv/.png when chosen, and the selected
+    blocks' statistics when the profile pass gathered them)."""
     c = ctx.config
+    out.remove(PROFILED_STATISTICS)  # an earlier profile's: never read by this run's calibrate
     if ctx.blocks:
         out.write_json("blocks.json", [list(b) for b in ctx.blocks])
         return ctx.blocks
@@ -255,7 +257,6 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
             distances, candidates = result.distances, result.candidates
         blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
                                merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
-    out.remove(PROFILED_STATISTICS)
     if candidates is not None and all(b in candidates for b in blocks):
         for s, e in blocks:  # the selected blocks' statistics: calibrate solves them without a model pass
             out.write_bytes(f"{PROFILED_STATISTICS}/stats-{s}-{e}.safetensors", candidates[(s, e)].stats.to_bytes())
@@ -282,8 +283,10 @@ def _read_distances(ctx: Context) -> str | None:
 
 
 def profiled_statistics(ctx: Context, out: OutputDir, blocks: list[Block]) -> dict[Block, BlockStats] | None:
-    """The blocks' statistics the profile pass of this output gathered, when they serve these settings."""
-    if ctx.config.second_pass_reason is not None:
+    """The blocks' statistics the profile pass of this output gathered, when they serve these settings
+    (the profile marker, checked current before calibrate starts, lists them among its artefacts)."""
+    profiled = markers.read_marker(out, "profile") or {}
+    if ctx.config.second_pass_reason is not None or PROFILED_STATISTICS not in profiled.get("artefacts", {}):
         return None
     names = {b: f"{PROFILED_STATISTICS}/stats-{b[0]}-{b[1]}.safetensors" for b in blocks}
     if not all(out.exists(name) for name in names.values()):

@@ -218,3 +218,20 @@ def test_settings_that_need_a_second_pass_get_one(model_and_batches, tmp_path, m
     with caplog.at_level("INFO", logger="replaceme"):
         recipe.run(run_config(folder, tmp_path, "out", save_transform_only=True, **changes), progress=False)
     assert calls == [1] and reason in caplog.text
+
+
+def test_calibrate_never_reads_an_earlier_profiles_statistics(model_and_batches, tmp_path, monkeypatch):
+    folder, _ = model_and_batches
+    selected = run_config(folder, tmp_path, "out", save_transform_only=True)
+    recipe.run_step(selected, "profile", progress=False)
+    block = recipe.required_blocks(recipe.OutputDir(str(tmp_path / "out")))[0]
+    assert (tmp_path / "out" / "profile" / f"stats-{block[0]}-{block[1]}.safetensors").exists()
+    # the same block named, on other data: the profile step is redone and calibrate must run its own pass
+    named = run_config(folder, tmp_path, "out", save_transform_only=True, blocks=[list(block)], dataset_size=12)
+    recipe.run_step(named, "profile", progress=False, force=True)
+    assert not (tmp_path / "out" / "profile").exists()
+    calls = []
+    original = LocalEngine.calibrate
+    monkeypatch.setattr(LocalEngine, "calibrate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    (detail,) = recipe.run_step(named, "calibrate", progress=False).marker["solver"]
+    assert calls == [1] and detail["tokens"] < 16 * 32
