@@ -62,6 +62,9 @@ def location(setting: bool | str) -> str | None:
     if setting is True:
         setting = os.environ.get(ENV) or os.path.join(
             os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "replaceme")
+    if not setting.strip():
+        raise ReplaceMeError("eval.cache: is empty; give a folder or URI, true for the default location "
+                             "or false for no cache")
     if "://" in setting:
         return setting.rstrip("/")
     return os.path.abspath(os.path.expanduser(setting))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import CALIB, EVAL, write_config
 from replaceme import cli, evalcache
 from replaceme.engine import LocalEngine
+from replaceme.errors import ReplaceMeError
 
 ALPHA = ["--set", "alpha=10", "--quiet"]
 
@@ -151,6 +152,8 @@ def test_the_cache_location_and_turning_it_off(tmp_path, model, monkeypatch):
     monkeypatch.setenv(evalcache.ENV, "s3://team-bucket/replaceme-cache/")
     assert evalcache.location(True) == "s3://team-bucket/replaceme-cache"
     assert evalcache.location("~/elsewhere") == str(tmp_path / "home" / "elsewhere") and evalcache.location(False) is None
+    with pytest.raises(ReplaceMeError, match="^eval.cache: is empty"):
+        evalcache.location("")
 
     shared = tmp_path / "from-env"
     monkeypatch.setenv(evalcache.ENV, str(shared))
