@@ -129,7 +129,9 @@ def child(spec: dict) -> dict:
     profile_peak = _status_mib("VmHWM")
     peak_memory.reset_peak()
     assert profile.candidates is not None, "candidate statistics not gathered"
-    block = select_blocks(profile.distances, num_blocks=1, min_start=1, merge_consecutive=False,
+    distances = profile.distances
+    del profile  # the candidates' statistics: the recipe keeps only the selected block's, on disk
+    block = select_blocks(distances, num_blocks=1, min_start=1, merge_consecutive=False,
                           num_layers=engine.model.num_layers)[0]
     engine.calibrate([block], lambda capture: solve_lstsq(capture.stats, alpha=ALPHA)[0])
     calibrate_plan = engine.last_plan
@@ -202,12 +204,13 @@ def main() -> None:
                              " / ".join(str(p["chunks"]) for p in plans),
                              " / ".join("yes" if p["resident"] else "no" for p in plans),
                              " / ".join(f"{p['estimate_mib']:.0f}" for p in plans),
+                             f"{point['rss_before']:.0f}",
                              " / ".join(f"{point[k] - point['rss_before']:.0f}" for k in ("profile_peak", "calibrate_peak")),
                              f"{point['peak']:.0f}", f"**{point['ratio']:.3f}**" if label == "fixed" and factor > 1 else f"{point['ratio']:.3f}",
                              f"{point['seconds']:.1f}"])
     headers = ["model", "tokens (1×/4×/16×)", "series", "budget", "chunks (profile / calibrate)",
                "weights resident (profile / calibrate)", "engine's estimate MiB (profile / calibrate)",
-               "added by the pass MiB (profile / calibrate)", "peak RSS MiB", "peak RSS ratio to 1×", "seconds"]
+               "RSS before the passes MiB", "added by the pass MiB (profile / calibrate)", "peak RSS MiB", "peak RSS ratio to 1×", "seconds"]
 
     def worst(label: str) -> float:
         return max(p["ratio"] for (_, factor, series), p in points.items() if series == label and factor > 1)
@@ -226,7 +229,8 @@ def main() -> None:
     record("Memory budget: peak RSS as the calibration set grows", f"""
 `python benchmarks/memory_budget.py` — each point in a fresh interpreter ({args.threads} torch thread): tokenize the
 texts, reset the peak-RSS mark (`/proc/self/clear_refs`), run `LocalEngine.profile(L, statistics=True)`, read
-VmHWM, reset it, select one block by distance, `LocalEngine.calibrate` it (lstsq), read VmHWM again. *Peak RSS* is
+VmHWM, reset it, drop the candidates' statistics (the recipe keeps only the selected block's, on disk), select
+one block by distance, `LocalEngine.calibrate` it (lstsq), read VmHWM again. *Peak RSS* is
 the larger reading (interpreter, torch, tokenizer and batches included); *added by the pass* is a pass's reading
 minus the RSS just before the passes; the engine's estimate is `engine.last_plan.peak_bytes` of each pass.
 Models: the bundled one (L = 4; batches of 16 × 128 tokens; 1× = {b_count} texts of `examples/data/calib.jsonl`,
