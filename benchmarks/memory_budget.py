@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from _record import machine, record, table
 from _setup import random_llama
-
 from replaceme.errors import ReplaceMeError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import torch
-from _record import machine, record, table
-from _setup import random_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _record import machine, record, table
+from _setup import random_llama
 from replaceme.blocks import select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.data import make_batches
