@@ -40,7 +40,7 @@ from _setup import random_llama
 from replaceme.blocks import select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.data import make_batches
-from replaceme.engine import LocalEngine
+from replaceme.engine import BATCHES_PER_SHARD, LocalEngine
 from replaceme.layerwise import LayerwiseModel
 from replaceme.solvers import solve_lstsq
 
@@ -129,7 +129,7 @@ def measure(name: str, model_path: Path, batches, repeats: int) -> dict:
             for key, values in runs.items()}
     return {"best": best, "runs": runs, "block": last["one"]["block"], "map_diff": map_diff, "xtx_diff": xtx_diff,
             "plans": {"two": last["two"]["plans"], "one": last["one"]["plans"]},
-            "tokens": sum(b.num_tokens for b in batches)}
+            "tokens": sum(b.num_tokens for b in batches), "shards": -(-len(batches) // BATCHES_PER_SHARD)}
 
 
 def main() -> None:
@@ -185,11 +185,13 @@ def main() -> None:
             f"path; gathering every candidate's statistics makes the profile pass {overhead:.2f}× the plain one "
             f"({profile_with:.1f} s vs {profile_without:.1f} s, faster runs). Block {list(r['block'])} chosen by "
             f"both; maps equal to float64 round-off (‖ΔT‖/‖T‖ = {r['map_diff']:.1e}, ‖ΔXᵀX‖/‖XᵀX‖ = "
-            f"{r['xtx_diff']:.1e}). Plans: two passes {'; '.join(r['plans']['two'])}; one pass "
-            f"{'; '.join(r['plans']['one'])}. All runs, s: HF forward "
+            f"{r['xtx_diff']:.1e}; calibrate sums its statistics per data shard of {BATCHES_PER_SHARD} batches, "
+            f"{r['shards']} here, the profile pass per batch). Plans: two passes {'; '.join(r['plans']['two'])}; "
+            f"one pass {'; '.join(r['plans']['one'])}. All runs, s: HF forward "
             f"{[round(t, 1) for t in r['runs']['forward']]}, two passes "
             f"{[round(x['seconds'], 1) for x in r['runs']['two']]}, one pass "
-            f"{[round(x['seconds'], 1) for x in r['runs']['one']]}.")
+            f"{[round(x['seconds'], 1) for x in r['runs']['one']]}; one pass / HF forward within each repetition: "
+            f"{[round(x['seconds'] / t, 2) for x, t in zip(r['runs']['one'], r['runs']['forward'])]}.")
     elapsed = time.perf_counter() - started
     print(table(headers, rows))
     print("\n".join(lines))
@@ -201,8 +203,8 @@ def main() -> None:
 {4 * hidden}, {layers} layers, 12 heads, 4 KV heads, bf16 shards, computed in float32), one block of {BLOCK_SIZE}
 layers selected by angular distance and fitted by least squares; calibration texts of `examples/data/calib.jsonl`
 (repeated as needed) in batches of {BATCH_SIZE} × {MAX_LENGTH} tokens: {tokens['small']:,} tokens for the
-2,048-word vocabulary (the issue's baseline setting), {tokens['large']:,} for the 131,072-word one (its HF forward
-is the slow side; ratios hardly move with the token count). (a) the plain HF forward with `output_hidden_states`
+2,048-word vocabulary (the issue's baseline setting), {tokens['large']:,} for the 131,072-word one (fewer, to keep
+its HF forward, the slow side there, short). (a) the plain HF forward with `output_hidden_states`
 (what the published code runs), its load timed apart; (b) the old two-pass path, `profile` then `calibrate`;
 (c) the new one-pass path, `profile(L, statistics=True)` and a solve from the selected candidate's statistics.
 (b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Each section ran
