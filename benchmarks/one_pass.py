@@ -191,7 +191,7 @@ def main() -> None:
             f"{[round(t, 1) for t in r['runs']['forward']]}, two passes "
             f"{[round(x['seconds'], 1) for x in r['runs']['two']]}, one pass "
             f"{[round(x['seconds'], 1) for x in r['runs']['one']]}; one pass / HF forward within each repetition: "
-            f"{[round(x['seconds'] / t, 2) for x, t in zip(r['runs']['one'], r['runs']['forward'])]}.")
+            f"{[round(x['seconds'] / t, 2) for x, t in zip(r['runs']['one'], r['runs']['forward'], strict=True)]}.")
     elapsed = time.perf_counter() - started
     print(table(headers, rows))
     print("\n".join(lines))
