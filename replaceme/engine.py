@@ -391,6 +391,7 @@ class LocalEngine:
                 for c, chunk in enumerate(chunks):
                     state = chunk._sweep(blocks[:i + 1], sums, transforms, bar, fold=True, state=kept[c])
                     kept[c] = state if len(chunks) == 1 else None
+                    del state  # else this chunk's stream and X stay alive while the next chunk runs
                 results.append(self._solve(sums[block], estimator))
                 transforms[block] = results[-1][1]
         return results
