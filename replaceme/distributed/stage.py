@@ -193,10 +193,7 @@ class Stage:
         part when there is one. Stale attempts of the shard are dropped."""
         finished: list[BlockStats] = []
         for block in self.ending_blocks(self._plan_of(shard, attempt)):
-            stats = self._stats.pop((block, shard, attempt), None)
-            if stats is None:
-                raise StageRestarted(f"stage {self.layers} has no statistics for block {block}, shard {shard}, "
-                                   f"attempt {attempt} (restarted since)")
+            stats = self._take(self._stats, "block", block, shard, attempt)
             writer = self._writers.pop((block, shard, attempt), None)
             part = writer.close() if writer is not None else None
             if self.store is not None:
@@ -216,15 +213,22 @@ class Stage:
                                  "(restarted since)")
         finished: list[CandidateStats] = []
         for block in self.ending_blocks(self._plan_of(shard, attempt)):
-            partial = self._candidates.pop((block, shard, attempt), None)
-            if partial is None:
-                raise StageRestarted(f"stage {self.layers} has no statistics for candidate {block}, shard {shard}, "
-                                     f"attempt {attempt} (restarted since)")
+            partial = self._take(self._candidates, "candidate", block, shard, attempt)
             stats = partial.stats
             finished.append(CandidateStats(BlockStats(stats.xtx.cpu(), stats.xty.cpu(), stats.yty_trace, stats.tokens),
                                            partial.stream_sq))
         self._drop_stale(shard, attempt)
         return [angles, *finished] if finished else angles
+
+    def _take(self, partials: dict[tuple[Block, int, int], Partial], what: str, block: Block, shard: int,
+              attempt: int) -> Partial:
+        """A block's (or candidate's) partial statistics of one shard attempt, removed from ``partials``;
+        a restart since the shard's forward has lost them (the driver then redoes the shard)."""
+        partial = partials.pop((block, shard, attempt), None)
+        if partial is None:
+            raise StageRestarted(f"stage {self.layers} has no statistics for {what} {block}, shard {shard}, "
+                                 f"attempt {attempt} (restarted since)")
+        return partial
 
     def _plan_of(self, shard: int, attempt: int) -> PhasePlan:
         """The pass's plan, which a restart since the shard's forward has lost (the driver then redoes
