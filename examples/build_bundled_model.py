@@ -28,12 +28,14 @@ Quick smoke run that leaves the bundled files alone::
         --out-dir /tmp/smoke/model --data-dir /tmp/smoke/data \\
         --results /tmp/smoke/RESULTS.md
 
-Another family and size on the same data (for benchmarks that need more than one trained model;
-heads of 32, MLP 4x wide; the weights stay out of git)::
+Another family and size on the same data, for benchmarks that need more than one trained model
+(heads of 32, MLP 4x wide; keep the weights out of git). The Qwen2 that
+``benchmarks/selection_quality.py`` measures (about 20 minutes on one free core; one thread is
+much faster than two on a busy machine)::
 
-    python examples/build_bundled_model.py --family qwen2 --layers 16 --hidden 96 \\
-        --out-dir /tmp/shakespeare-qwen2-16l --data-dir /tmp/shakespeare-data \\
-        --results /tmp/shakespeare-qwen2-16l/RESULTS.md
+    python examples/build_bundled_model.py --family qwen2 --hidden 96 --steps 500 \\
+        --warmup-steps 40 --threads 1 --out-dir DIR/shakespeare-qwen2-16l \\
+        --data-dir DIR/data --results DIR/RESULTS.md
 """
 
 from __future__ import annotations
@@ -388,6 +390,11 @@ def describe(args) -> str:
     return f"{args.layers}-layer {name} (hidden {args.hidden}{tied})"
 
 
+# The options that change the trained weights, named in the "Reproduce with" line when not the default.
+TRAINING_OPTIONS = ("family", "layers", "hidden", "steps", "batch_size", "lr", "warmup_steps", "seed")
+DEFAULTS = dict(family="llama", layers=16, hidden=128, steps=1000, batch_size=16, lr=2e-3, warmup_steps=60, seed=0)
+
+
 def results_heading(args) -> str:
     if args.out_dir.resolve() == (REPO_ROOT / "examples/shakespeare-llama-16l").resolve():
         return RESULTS_HEADING
@@ -405,11 +412,14 @@ def results_section(report: dict, args) -> str:
         ("Training steps / tokens seen", f"{tr['steps']} / {tr['tokens_seen']:,}"),
         ("Training wall time", f"{tr['train_seconds'] / 60:.1f} min"),
         ("Checkpoint (bf16)", f"{len(ck['shards'])} shards, {shard_sizes} MB"),
-        ("Machine", f"{report['machine']['cpu_cores']} CPU cores, torch {report['machine']['torch']} (CPU build)"),
+        ("Machine", f"{report['machine']['cpu_cores']} CPU cores, {report['machine']['torch_threads']} torch "
+                    f"thread(s), torch {report['machine']['torch']} (CPU build)"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    default = results_heading(args) == RESULTS_HEADING
-    options = "" if default else f" --family {args.family} --layers {args.layers} --hidden {args.hidden} --steps {args.steps}"
+    options = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name in TRAINING_OPTIONS
+                      if getattr(args, name) != DEFAULTS[name])
+    if results_heading(args) != RESULTS_HEADING:  # another model: not over the bundled one, and not in git
+        options += " --out-dir DIR --data-dir DATA_DIR --results DIR/RESULTS.md"
     return (
         f"{results_heading(args)}\n\n"
         f"{describe(args)} trained from scratch on Shakespeare; perplexity on "
