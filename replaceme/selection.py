@@ -102,14 +102,20 @@ def residual_scores(candidates: Mapping[Block, CandidateStats], *, normalise: st
     measured = heldout if heldout is not None else candidates
     scores = {}
     for block in candidates:
-        target = measured[block]
-        residual = residual_sq(target.stats, maps[block])
-        denominator = {"tokens": lambda: float(target.stats.tokens),
-                       "target": lambda: target.stats.yty_trace,
-                       "stream": lambda: target.stream_sq,
-                       "drop": lambda: drop_residual_sq(target.stats)}[normalise]()
+        residual = residual_sq(measured[block].stats, maps[block])
+        denominator = _normaliser(measured[block], normalise)
         scores[block] = residual / denominator if denominator > 0 else math.inf
     return scores
+
+
+def _normaliser(candidate: CandidateStats, normalise: str) -> float:
+    if normalise == "tokens":
+        return float(candidate.stats.tokens)
+    if normalise == "target":
+        return candidate.stats.yty_trace
+    if normalise == "stream":
+        return candidate.stream_sq
+    return drop_residual_sq(candidate.stats)
 
 
 @dataclass
