@@ -13,9 +13,10 @@ statistics gathered on the unpruned stream, for every candidate block ``[s, e)``
 * :class:`CosineSums` — mean cosine distance, per token, between the stream with the fitted map
   folded in (``h_{s-1} − X + X·T``) and the original stream after the block (``h_{e-1}``) on a
   held-out slice; it needs token rows, not only statistics, and sums over batches by addition;
-* :func:`shortlist` / :func:`choose` — the few best candidates of a criterion (to measure their
-  next-token loss), and the ``num_blocks`` non-overlapping blocks a criterion selects (greedy,
-  lowest first, exactly as :func:`replaceme.blocks.select_blocks` selects by distance).
+* :func:`shortlist` / :func:`refine` / :func:`choose` — the few best candidates of a criterion (to
+  measure their next-token loss), those measured ranked first, and the ``num_blocks``
+  non-overlapping blocks a criterion selects (greedy, lowest first, exactly as
+  :func:`replaceme.blocks.select_blocks` selects by distance).
 
 Notation as in the design: ``X`` = MLP output of layer ``s-1``, ``Y = h_{e-1} − h_{s-1} + X``.
 """
@@ -156,6 +157,16 @@ def shortlist(scores: Mapping[Block, float], k: int) -> list[Block]:
     """The ``k`` lowest-scoring blocks, best first (ties broken by start), e.g. the candidates
     whose next-token loss is worth measuring."""
     return [block for _, block in sorted((score, block) for block, score in scores.items())[:k]]
+
+
+def refine(base: Mapping[Block, float], measured: Mapping[Block, float]) -> Scores:
+    """Scores that rank the blocks in ``measured`` (e.g. the next-token loss of a shortlist) first,
+    by their measured value, and every other block after them in the order of ``base``: so that
+    several blocks (``num_A`` > 1) can still be chosen when the shortlisted ones overlap. The
+    scores are ranks (0, 1, …), not the measured values."""
+    first = sorted(measured, key=lambda b: (measured[b], b))
+    rest = sorted((b for b in base if b not in measured), key=lambda b: (base[b], b))
+    return {block: float(rank) for rank, block in enumerate(first + rest)}
 
 
 def choose(scores: Mapping[Block, float], *, num_blocks: int = 1, min_start: int = 1, merge_consecutive: bool = True,

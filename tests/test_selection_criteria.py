@@ -20,6 +20,7 @@ from replaceme.selection import (
     drop_residual_sq,
     fit_maps,
     rank_correlation,
+    refine,
     residual_scores,
     residual_sq,
     shortlist,
@@ -188,6 +189,17 @@ def test_choose_is_greedy_over_non_overlapping_blocks_and_shortlist_is_best_firs
     # infinite scores (not shortlisted) come last but still count when nothing else fits
     assert choose({(1, 3): math.inf, (4, 6): 0.2}, num_blocks=2, merge_consecutive=False, num_layers=8) == [
         (1, 3), (4, 6)]
+
+
+def test_refine_ranks_the_measured_blocks_first_and_the_rest_in_the_base_order():
+    base = {(1, 3): 0.4, (2, 4): 0.1, (3, 5): 0.2, (4, 6): 0.3, (5, 7): 0.9, (6, 8): 0.5}
+    measured = {(2, 4): 3.1, (3, 5): 3.0, (4, 6): 3.3}  # the loss of the 3 best by base: (3, 5) is best
+    refined = refine(base, measured)
+    assert sorted(refined, key=refined.get) == [(3, 5), (2, 4), (4, 6), (1, 3), (6, 8), (5, 7)]
+    assert choose(refined, num_layers=8) == [(3, 5)]
+    # two blocks a layer apart: the shortlist holds only overlapping ones, so the second comes from
+    # the base order ((1, 3) touches (3, 5)'s fold layer; (6, 8) is next) rather than from nowhere
+    assert choose(refined, num_blocks=2, merge_consecutive=False, num_layers=8) == [(3, 5), (6, 8)]
 
 
 def test_rank_correlation():
