@@ -342,7 +342,12 @@ def save_checkpoint(model, out_dir: Path) -> list[dict]:
     """Save bf16 shards and check the sharding the loaders are meant to exercise."""
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()  # a previous run may have left a different shard count
-    model.to(torch.bfloat16).save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
+    model.to(torch.bfloat16)
+    # 2 MB shards, smaller for a model too small to make MIN_SHARDS of them (the bundled one is not)
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p is not model.get_output_embeddings().weight
+               or not model.config.tie_word_embeddings)
+    shard = min(int(MAX_SHARD_SIZE.removesuffix("MB")) * 10**6, size // (MIN_SHARDS + 1))
+    model.save_pretrained(out_dir, max_shard_size=shard)
     shards = sorted(out_dir.glob("model-*.safetensors"))
     assert (out_dir / "model.safetensors.index.json").exists(), "checkpoint is not sharded"
     assert len(shards) >= MIN_SHARDS, f"only {len(shards)} shards"
