@@ -8,7 +8,8 @@ statistics gathered on the unpruned stream, for every candidate block ``[s, e)``
   ``XᵀX``, ``XᵀY``, ``‖Y‖²``, tokens) and ``stream_sq = Σ‖h_{e-1}‖²`` over the same tokens;
 * :func:`residual_scores` — ``‖Y − X·T‖²`` from the statistics alone
   (``‖Y‖² − 2·tr(TᵀXᵀY) + tr(TᵀXᵀX·T)``), normalised per token, by ``‖Y‖²``, by the stream's
-  norm after the block, or by the residual of plain dropping; evaluated on the statistics ``T``
+  norm after the block, by the residual of plain dropping, or token by token by the stream's
+  norm (from statistics weighted by ``1/‖h_{e-1}‖²``); evaluated on the statistics ``T``
   was fitted on (in-sample) or on the statistics of a held-out slice;
 * :class:`CosineSums` — mean cosine distance, per token, between the stream with the fitted map
   folded in (``h_{s-1} − X + X·T``) and the original stream after the block (``h_{e-1}``) on a
@@ -37,29 +38,45 @@ Block = tuple[int, int]
 Scores = dict[Block, float]
 
 # How a residual is made comparable across blocks (see residual_scores).
-NORMALISATIONS = ("tokens", "target", "stream", "drop")
+NORMALISATIONS = ("tokens", "target", "stream", "drop", "token_stream")
 
 
 @dataclass
 class CandidateStats:
-    """What the profile pass accumulates for one candidate block, mergeable by addition."""
+    """What the profile pass accumulates for one candidate block, mergeable by addition.
+
+    ``weighted`` (optional, for ``normalise="token_stream"``): the same statistics with every token
+    weighted by ``1/‖h_{e-1}‖²`` (its rows scaled by ``1/‖h_{e-1}‖``), so that the residual of each
+    token is measured relative to the stream it lands in, a stats-only stand-in for the per-token
+    cosine distance."""
 
     stats: BlockStats
     stream_sq: float = 0.0  # Σ‖h_{e-1}‖² over the tokens of ``stats`` (float64)
+    weighted: BlockStats | None = None
 
     @classmethod
-    def zeros(cls, hidden: int, device: torch.device | str = "cpu") -> CandidateStats:
-        return cls(BlockStats.zeros(hidden, device=device))
+    def zeros(cls, hidden: int, device: torch.device | str = "cpu", *, weighted: bool = False) -> CandidateStats:
+        return cls(BlockStats.zeros(hidden, device=device),
+                   weighted=BlockStats.zeros(hidden, device=device) if weighted else None)
 
     def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
         """Add token rows ([n, d], padding dropped): ``X`` (MLP output of layer s-1), ``h_{s-1}``, ``h_{e-1}``."""
-        after = h_after.to(torch.float64)
-        self.stats.update(x, after - h_before.to(torch.float64) + x.to(torch.float64))
-        self.stream_sq += float(after.square().sum())
+        after, x64 = h_after.to(torch.float64), x.to(torch.float64)
+        y = after - h_before.to(torch.float64) + x64
+        self.stats.update(x64, y)
+        norms_sq = after.square().sum(-1, keepdim=True)
+        self.stream_sq += float(norms_sq.sum())
+        if self.weighted is not None:
+            scale = norms_sq.clamp_min(1e-300).rsqrt()
+            self.weighted.update(x64 * scale, y * scale)
 
     def __iadd__(self, other: CandidateStats) -> CandidateStats:
         self.stats += other.stats
         self.stream_sq += other.stream_sq
+        if (self.weighted is None) != (other.weighted is None):
+            raise ValueError("candidate statistics with and without the weighted part cannot be added")
+        if self.weighted is not None:
+            self.weighted += other.weighted
         return self
 
 
@@ -91,7 +108,9 @@ def residual_scores(candidates: Mapping[Block, CandidateStats], *, normalise: st
     * ``target`` — ``‖Y‖²`` (dominated by tokens with massive activations in ``X``);
     * ``stream`` — ``Σ‖h_{e-1}‖²``, the norm of the stream after the block;
     * ``drop`` — the residual of plain dropping, ``‖h_{e-1} − h_{s-1}‖²`` (the fraction of the
-      block's change that the map leaves undone).
+      block's change that the map leaves undone);
+    * ``token_stream`` — each token's residual relative to its own ``‖h_{e-1}‖²``, averaged over
+      tokens (needs the ``weighted`` statistics): ``mean_t ‖y_t − x_t·T‖² / ‖h_{e-1,t}‖²``.
 
     ``T`` is fitted on ``candidates`` (or taken from ``transforms``); the residual and its
     normaliser are measured on ``heldout`` when given (statistics of tokens not fitted on), else
@@ -103,14 +122,20 @@ def residual_scores(candidates: Mapping[Block, CandidateStats], *, normalise: st
     measured = heldout if heldout is not None else candidates
     scores = {}
     for block in candidates:
-        residual = residual_sq(measured[block].stats, maps[block])
-        denominator = _normaliser(measured[block], normalise)
+        target = measured[block]
+        if normalise == "token_stream":
+            if target.weighted is None:
+                raise ValueError(f"normalise='token_stream' needs the weighted statistics of block {block}")
+            residual = residual_sq(target.weighted, maps[block])
+        else:
+            residual = residual_sq(target.stats, maps[block])
+        denominator = _normaliser(target, normalise)
         scores[block] = residual / denominator if denominator > 0 else math.inf
     return scores
 
 
 def _normaliser(candidate: CandidateStats, normalise: str) -> float:
-    if normalise == "tokens":
+    if normalise in ("tokens", "token_stream"):
         return float(candidate.stats.tokens)
     if normalise == "target":
         return candidate.stats.yty_trace

@@ -43,7 +43,7 @@ def rows(n: int, seed: int, *, offset: float = 0.0) -> tuple[torch.Tensor, torch
 
 
 def accumulate(x, before, after, chunks: int = 1) -> CandidateStats:
-    stats = CandidateStats.zeros(D)
+    stats = CandidateStats.zeros(D, weighted=True)
     for xs, bs, as_ in zip(x.chunk(chunks), before.chunk(chunks), after.chunk(chunks)):
         stats.update(xs, bs, as_)
     return stats
@@ -64,10 +64,19 @@ def test_candidate_stats_hold_the_block_statistics_and_the_stream_norm_and_add_u
     assert stats.stream_sq == pytest.approx(float(after.double().square().sum()), rel=1e-12)
     assert stats.stats.tokens == 300
 
+    # the weighted part: every token's rows scaled by 1/‖h_{e-1}‖
+    w = 1 / after.double().square().sum(-1, keepdim=True)
+    torch.testing.assert_close(stats.weighted.xtx, (x.double() * w).T @ x.double(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.weighted.xty, (x.double() * w).T @ y, rtol=1e-12, atol=1e-12)
+    assert stats.weighted.yty_trace == pytest.approx(float((y.square() * w).sum()), rel=1e-12)
+
     chunked = accumulate(x, before, after, chunks=3)
-    merged = CandidateStats.zeros(D)
+    merged = CandidateStats.zeros(D, weighted=True)
     merged += chunked
     torch.testing.assert_close(merged.stats.xtx, stats.stats.xtx, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(merged.weighted.xty, stats.weighted.xty, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="weighted"):
+        CandidateStats.zeros(D).__iadd__(chunked)
     assert merged.stream_sq == pytest.approx(stats.stream_sq, rel=1e-12)
     assert merged.stats.tokens == 300
 
@@ -110,14 +119,20 @@ def test_each_normalisation_divides_the_residual_by_what_it_names():
     transform = solve_lstsq(stats.stats)[0]
     residual = direct_residual(x, before, after, transform)
     y = after.double() - before.double() + x.double()
+    per_token = (y - x.double() @ transform).square().sum(-1) / after.double().square().sum(-1)
     expected = {"tokens": residual / 400, "target": residual / float(y.square().sum()),
                 "stream": residual / float(after.double().square().sum()),
-                "drop": residual / float((after.double() - before.double()).square().sum())}
+                "drop": residual / float((after.double() - before.double()).square().sum()),
+                "token_stream": float(per_token.mean())}
     assert set(expected) == set(NORMALISATIONS)
     for normalise, value in expected.items():
         assert residual_scores({(2, 4): stats}, normalise=normalise)[(2, 4)] == pytest.approx(value, rel=1e-9)
     with pytest.raises(ValueError, match="normalise must be one of"):
         residual_scores({(2, 4): stats}, normalise="per-layer")
+    unweighted = CandidateStats.zeros(D)
+    unweighted.update(x, before, after)
+    with pytest.raises(ValueError, match="weighted statistics"):
+        residual_scores({(2, 4): unweighted}, normalise="token_stream")
 
 
 def test_a_block_a_linear_map_replaces_exactly_ranks_first_by_residual_but_not_by_distance():
