@@ -14,6 +14,8 @@ Criteria (lower = remove first):
 * ``resid/tokens``, ``resid/target``, ``resid/stream``, ``resid/drop`` — the in-sample least-squares
   residual ``‖Y − X·T‖²`` from the statistics alone, per token, relative to ``‖Y‖²``, to
   ``Σ‖h_{e-1}‖²``, and to the residual of plain dropping;
+* ``resid/token_stream`` — each token's residual relative to its own ``‖h_{e-1}‖²``, averaged (from
+  statistics weighted by ``1/‖h_{e-1}‖²``, a stats-only stand-in for the cosine distance);
 * ``heldout resid/stream`` — the same residual, ``T`` fitted on 3/4 of the calibration batches
   and measured on the statistics of the other 1/4;
 * ``heldout cosine`` — mean per-token cosine distance of ``h_{s-1} − X + X·T`` to ``h_{e-1}`` on that
@@ -37,10 +39,12 @@ blocks fitted and evaluated); ``--cache DIR`` keeps each model's figures there a
 can be measured in separate (or parallel) runs and recorded together; the perplexities measured are
 kept there too (``<model>-perplexity.json``), so a run with another criterion measures only its new choices.
 
-The second trained model (Qwen2, 16 layers, hidden 96, tied embeddings; not in git) is rebuilt with
+The other trained models (not in git; about 20 and 10 minutes on one free core) are rebuilt with
 
     python examples/build_bundled_model.py --family qwen2 --hidden 96 --steps 500 --warmup-steps 40 \\
         --threads 1 --out-dir DIR/shakespeare-qwen2-16l --data-dir DIR/data --results DIR/RESULTS.md
+    python examples/build_bundled_model.py --family mistral --hidden 64 --steps 500 --warmup-steps 40 \\
+        --threads 1 --out-dir DIR/shakespeare-mistral-16l --data-dir DIR/data --results DIR/RESULTS.md
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ from replaceme.stats import AngleSums
 CALIB, EVAL = "examples/data/calib.jsonl", "examples/data/eval.jsonl"
 HELDOUT_EVERY = 4  # every 4th calibration batch is the held-out quarter
 SHORTLIST = 3
+WINNER = "resid/token_stream"  # compared with the distance, with paired standard errors, in the record
 ALPHA = ReplaceMeConfig.model_fields["alpha"].default
 Block = tuple[int, int]
 
@@ -128,18 +133,22 @@ class Runner:
         return self.batches[batch].attention_mask.bool()
 
     @torch.no_grad()
-    def nll(self, stream: list[torch.Tensor]) -> tuple[float, int]:
-        """Summed next-token loss over non-padding tokens of the stream after the last layer."""
+    def token_losses(self, stream: list[torch.Tensor]) -> torch.Tensor:
+        """Next-token loss of every non-padding token, from the stream after the last layer (float64)."""
         if self._head is None:
             self._head = self.model.head()
         norm, lm_head = self._head
-        total, count = 0.0, 0
+        losses = []
         for batch, hidden in zip(self.batches, stream):
             valid = batch.attention_mask[:, 1:].bool()
             logits = self.model.logits(hidden[:, :-1][valid], norm, lm_head)
-            total += float(torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][valid], reduction="sum"))
-            count += int(valid.sum())
-        return total, count
+            losses.append(torch.nn.functional.cross_entropy(logits, batch.input_ids[:, 1:][valid], reduction="none"))
+        return torch.cat(losses).double()
+
+    def nll(self, stream: list[torch.Tensor]) -> tuple[float, int]:
+        """Summed next-token loss over non-padding tokens of the stream after the last layer."""
+        losses = self.token_losses(stream)
+        return float(losses.sum()), losses.numel()
 
 
 @dataclass
@@ -224,13 +233,14 @@ def profile(runner: Runner, t: Trace, size: int, heldout_batches: set[int]) -> P
     fit, heldout, full = {}, {}, {}
     for s in range(1, num_layers - size + 1):
         block = (s, s + size)
-        fit[block], heldout[block] = CandidateStats.zeros(hidden), CandidateStats.zeros(hidden)
+        fit[block] = CandidateStats.zeros(hidden, weighted=True)
+        heldout[block] = CandidateStats.zeros(hidden, weighted=True)
         for b in range(len(runner.batches)):
             mask = runner.mask(b)
             before, x, after = t.h[s - 1][b][mask], t.m[s - 1][b][mask], t.h[s + size - 1][b][mask]
             (heldout if b in heldout_batches else fit)[block].update(x, before, after)
             angles.add(s, before, after)
-        full[block] = CandidateStats.zeros(hidden)
+        full[block] = CandidateStats.zeros(hidden, weighted=True)
         full[block] += fit[block]
         full[block] += heldout[block]
     return Profile(full, fit, heldout, distance_scores(angles.distances()))
@@ -244,7 +254,7 @@ def heldout_runner(runner: Runner, t: Trace, heldout_batches: set[int]) -> tuple
 
 def criteria(runner: Runner, t: Trace, p: Profile, heldout_batches: set[int]) -> dict[str, dict[Block, float]]:
     scores = {"distance": p.distances}
-    for normalise in ("tokens", "target", "stream", "drop"):
+    for normalise in ("tokens", "target", "stream", "drop", "token_stream"):
         scores[f"resid/{normalise}"] = residual_scores(p.full, normalise=normalise, alpha=ALPHA)
     fitted = fit_maps(p.fit, alpha=ALPHA)
     scores["heldout resid/stream"] = residual_scores(p.fit, heldout=p.heldout, transforms=fitted, normalise="stream")
@@ -345,11 +355,32 @@ def evaluate_setting(measure: Measure, runner: Runner, t: Trace, size: int, num_
                    measure(chosen["distance"], drop=True), len(options), spearman)
 
 
+def context(model_path: str) -> recipe.Context:
+    config = validate_config(dict(model_path=model_path, dataset=CALIB, eval=EVAL,
+                                  output_dir=f"{tempfile.mkdtemp()}/unused", batch_size=16, max_length=128))
+    return recipe.Context(config, progress=False)
+
+
+def compare(model_path: str, first: list[Block], second: list[Block]) -> str:
+    """Two pruned models (maps fitted as in the benchmark) on the same eval tokens: their perplexities
+    and the paired standard error of the difference of their mean losses (how much of a gap is noise)."""
+    ctx = context(model_path)
+    with Checkpoint(model_path) as checkpoint:
+        model = ctx.layerwise(checkpoint)
+        layers: dict[int, torch.nn.Module] = {}
+        calib, evaluation = Runner(model, ctx.batches, layers), Runner(model, ctx.eval_batches, layers)
+        calib_trace, eval_trace = trace(calib), trace(evaluation)
+        a, b = (evaluation.token_losses(run_pruned(evaluation, eval_trace, fit_sequential(calib, calib_trace, blocks)))
+                for blocks in (first, second))
+    difference = a - b
+    error = float(difference.std() / math.sqrt(difference.numel()))
+    return (f"{Path(model_path).name}: {fmt_blocks(first)} {math.exp(a.mean()):.3f} vs {fmt_blocks(second)} "
+            f"{math.exp(b.mean()):.3f}: {100 * (math.exp(difference.mean()) - 1):+.3f}% (paired standard error "
+            f"{100 * error:.3f}% of the perplexity, {float(difference.mean()) / error:+.1f} SE)")
+
+
 def benchmark_model(model_path: str, sizes: Sequence[int], saved: Path | None = None) -> dict:
-    work = tempfile.mkdtemp()
-    config = validate_config(dict(model_path=model_path, dataset=CALIB, eval=EVAL, output_dir=f"{work}/unused",
-                                  batch_size=16, max_length=128))
-    ctx = recipe.Context(config, progress=False)
+    ctx = context(model_path)
     started = time.perf_counter()
     with Checkpoint(model_path) as checkpoint:
         model = ctx.layerwise(checkpoint)
@@ -393,7 +424,7 @@ def main_table(results: list[dict]) -> tuple[list[str], list[list]]:
     headers, columns = ["criterion"], []
     for r in results:
         for setting in r["settings"][:2]:
-            headers.append(f"{Path(r['model']).name} ({r['family']}) {setting.num_a}×{setting.size}")
+            headers.append(f"{model_name(r)} {setting.num_a}×{setting.size}")
             columns.append(setting)
     names = list(columns[0].chosen)
     rows = [["ORACLE (best measured)"] + [f"{fmt_blocks(c.oracle)} **{c.oracle_ppl:.2f}**" for c in columns]]
@@ -408,19 +439,41 @@ def main_table(results: list[dict]) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def model_name(result: dict) -> str:
+    return f"{result['family']} {result['layers']}L/{result['hidden']}"
+
+
 def sweep_table(results: list[dict]) -> tuple[list[str], list[list]]:
     """Regret (% above the oracle's perplexity) of each criterion in every setting measured."""
-    settings = [(r, s) for r in results for s in r["settings"]]
-    headers = ["criterion"] + [f"{Path(r['model']).name.split('-')[1]} {s.num_a}×{s.size}" for r, s in settings] + [
-        "mean regret", "oracle hits", "mean ρ (num_A 1)"]
-    names = list(settings[0][1].chosen)
+    names = list(results[0]["settings"][0].chosen)
+    headers = ["model", "num_A×layers", "oracle"] + names
+    rows = []
+    for r in results:
+        for s in r["settings"]:
+            rows.append([model_name(r), f"{s.num_a}×{s.size}", f"{s.oracle_ppl:.2f}"] + [
+                f"{100 * (s.perplexity[n] / s.oracle_ppl - 1):.1f}" for n in names])
+    return headers, rows
+
+
+def summary_table(results: list[dict]) -> tuple[list[str], list[list]]:
+    """Per criterion: mean regret per model and overall, worst regret, oracle hits, settings where it
+    ties or beats the distance (and its worst loss to it), mean rank correlation (num_A 1)."""
+    names = list(results[0]["settings"][0].chosen)
+    headers = ["criterion"] + [f"mean regret % {model_name(r)}" for r in results] + [
+        "mean regret %", "worst %", "oracle hits", "≤ distance", "worst vs distance %", "mean ρ"]
     rows = []
     for name in names:
-        regrets = [100 * (s.perplexity[name] / s.oracle_ppl - 1) for _, s in settings]
-        rhos = [s.spearman[name] for _, s in settings if s.spearman and name in s.spearman]
-        hits = sum(r <= 1e-7 for r in regrets)
-        rows.append([name] + [f"{x:.1f}" for x in regrets] + [
-            f"{sum(regrets) / len(regrets):.2f}", f"{hits}/{len(regrets)}",
+        regrets, per_model, versus, rhos = [], [], [], []
+        for r in results:
+            mine = [100 * (s.perplexity[name] / s.oracle_ppl - 1) for s in r["settings"]]
+            per_model.append(sum(mine) / len(mine))
+            regrets += mine
+            versus += [100 * (s.perplexity[name] / s.perplexity["distance"] - 1) for s in r["settings"]]
+            rhos += [s.spearman[name] for s in r["settings"] if s.spearman and name in s.spearman]
+        rows.append([name] + [f"{m:.2f}" for m in per_model] + [
+            f"{sum(regrets) / len(regrets):.2f}", f"{max(regrets):.1f}",
+            f"{sum(x <= 1e-7 for x in regrets)}/{len(regrets)}",
+            f"{sum(v <= 1e-7 for v in versus)}/{len(versus)}", f"{max(versus):+.1f}",
             f"{sum(rhos) / len(rhos):.2f}" if rhos else "—"])
     return headers, rows
 
@@ -448,11 +501,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep (and reuse) each model's figures in this folder")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on a shared, busy machine)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--compare", nargs=2, metavar="BLOCKS", help="only compare two choices on each model, "
+                        "e.g. --compare '[[4,8]]' '[[7,11]]': perplexities and the paired standard error")
     args = parser.parse_args()
     models = args.model or ["examples/shakespeare-llama-16l"]
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        first, second = ([tuple(b) for b in json.loads(c)] for c in args.compare)
+        for model in models:
+            print(compare(model, first, second))
+        return
     results = []
     for model in models:
         path = args.cache / f"{Path(model).name}-sizes{'_'.join(map(str, sizes))}.json" if args.cache else None
@@ -467,20 +527,32 @@ def main() -> None:
 
     headers, rows = main_table(results)
     sweep_headers, sweep_rows = sweep_table(results)
+    summary_headers, summary_rows = summary_table(results)
     print(table(headers, rows))
     print()
     print(table(sweep_headers, sweep_rows))
+    print()
+    print(table(summary_headers, summary_rows))
     if args.no_record:
         return
+    paired = []
+    for r in results:
+        for setting in r["settings"]:
+            mine, theirs = setting.chosen[WINNER], setting.chosen["distance"]
+            if setting.perplexity[WINNER] != setting.perplexity["distance"] and (
+                    setting is r["settings"][0] or setting is r["settings"][1]
+                    or setting.perplexity[WINNER] > setting.perplexity["distance"]):
+                log(f"paired comparison: {r['model']} {mine} vs {theirs}")
+                paired.append(f"- {model_name(r)} {setting.num_a}×{setting.size}: "
+                              + compare(r["model"], mine, theirs).split(": ", 1)[1])
     described = "; ".join(
-        f"`{shown(r['model'])}` ({r['family']}, {r['layers']} layers, hidden {r['hidden']}, original perplexity "
-        f"{r['original']:.2f}, {r['seconds']:.0f} s)" for r in results)
-    first = results[0]
+        f"`{shown(r['model'])}` ({model_name(r)} = {r['family']}, {r['layers']} layers, hidden {r['hidden']}; "
+        f"original perplexity {r['original']:.2f}; {r['calib_tokens']} calibration tokens, {r['heldout_tokens']} of "
+        f"them held out; {r['eval_tokens']} predicted eval tokens)" for r in results)
     record("Block selection: which criterion picks the block a map replaces best", f"""
 `python benchmarks/selection_quality.py {' '.join(f'--model {shown(m)}' for m in models)}` — {described}.
-Calibration `{CALIB}` ({first['calib_tokens']} tokens; the held-out criteria fit on 3/4 of its batches
-and score on the other {first['heldout_tokens']} tokens), perplexity on the held-out `{EVAL}`
-({first['eval_tokens']} predicted tokens); batch 16, max_length 128, alpha {ALPHA}, maps least squares
+Calibration `{CALIB}` (the held-out criteria fit on 3/4 of its batches and score on every 4th),
+perplexity on the held-out `{EVAL}`; batch 16, max_length 128, alpha {ALPHA}, maps least squares
 fitted on the whole calibration set, later blocks on the stream with the earlier ones replaced, applied
 in the stream in float32. Criteria are described in the script's docstring; ORACLE = the candidate
 (or pair of candidates, num_A 2, a layer apart) with the lowest held-out perplexity of all; ✓ = the
@@ -491,12 +563,22 @@ how to rebuild them. Machine: {machine()}.
 
 {table(headers, rows)}
 
-Regret = % above the oracle's perplexity, in every setting measured (`model num_A×layers`); oracle hits =
-settings where the criterion chose the oracle's blocks (or blocks as good); ρ = Spearman rank correlation
-of the criterion's scores with the measured perplexity of every candidate (num_A 1; `NLL top-3` has
-scores for 3 blocks only, so none).
+Regret = % above the oracle's perplexity, in every setting measured: 25% as above, then one block of
+other sizes (num_A×layers).
 
 {table(sweep_headers, sweep_rows)}
+
+Summary over those settings: oracle hits = settings where the criterion chose the oracle's blocks (or
+blocks as good); ≤ distance = settings where its perplexity ties or beats the paper's distance choice,
+and its worst loss to it; ρ = mean Spearman rank correlation of the criterion's scores with the measured
+perplexity of every candidate (num_A 1; none for the shortlist, whose scores are ranks).
+
+{table(summary_headers, summary_rows)}
+
+`{WINNER}` against the distance wherever they differ at 25% and wherever it is behind (the same eval
+tokens, so the standard error is that of the per-token loss difference; `--compare` measures one pair):
+
+{chr(10).join(paired) or "- (no difference)"}
 """)
 
 
