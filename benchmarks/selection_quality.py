@@ -69,7 +69,6 @@ from replaceme.config import ReplaceMeConfig, validate_config
 from replaceme.data import Batch
 from replaceme.layerwise import LayerwiseModel
 from replaceme.selection import (
-    CandidateStats,
     CosineSums,
     choose,
     distance_scores,
@@ -80,7 +79,7 @@ from replaceme.selection import (
     shortlist,
 )
 from replaceme.solvers import solve_lstsq
-from replaceme.stats import AngleSums
+from replaceme.stats import AngleSums, CandidateStats
 
 CALIB, EVAL = "examples/data/calib.jsonl", "examples/data/eval.jsonl"
 HELDOUT_EVERY = 4  # every 4th calibration batch is the held-out quarter

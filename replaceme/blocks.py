@@ -1,4 +1,4 @@
-"""Which layers to cut: explicit blocks checked against the model, or blocks chosen by distance.
+"""Which layers to cut: explicit blocks checked against the model, or blocks chosen by a score.
 
 Blocks are 0-based and half-open, ``[s, e)`` = layers s … e-1 removed; the map of a block is
 folded into layer ``s-1``, which therefore must exist and must not itself be removed.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from replaceme.errors import ReplaceMeError
 
@@ -69,7 +69,8 @@ def _merge_touching(blocks: list[Block], merge_consecutive: bool) -> list[Block]
 
 def select_blocks(distances: Sequence[tuple[int, int, float]], *, num_blocks: int, min_start: int,
                   merge_consecutive: bool, num_layers: int) -> list[Block]:
-    """The ``num_blocks`` lowest-distance blocks that don't overlap (greedy, lowest first).
+    """The ``num_blocks`` lowest-scoring blocks that don't overlap (greedy, lowest first), from
+    ``[(s, e, score), …]``: the angular distance, or the residual of ``replaceme.selection``.
 
     Touching blocks are merged when ``merge_consecutive``; otherwise a candidate must leave the
     layer before it (its fold target) in place.
@@ -93,24 +94,43 @@ def _compatible(a: Block, b: Block, merge_consecutive: bool) -> bool:
     return e1 < s2 or (e1 == s2 and merge_consecutive)
 
 
-def distances_to_csv(distances: Sequence[tuple[int, int, float]], model_digest: str) -> str:
-    """The profile as CSV; each row names the model it was measured on (its config + index digest)."""
+def distances_to_csv(distances: Sequence[tuple[int, int, float]], model_digest: str,
+                     residuals: Mapping[Block, float] | None = None) -> str:
+    """The profile as CSV: every candidate's angular distance and, when measured, its residual
+    (``replaceme.selection``), each with its rank (1 = removed first); each row names the model it
+    was measured on (its config + index digest)."""
+    distance_rank = _ranks({(s, e): d for s, e, d in distances})
+    residual_rank = _ranks(residuals or {})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["start", "end", "angular_distance", "model_digest"])
-    writer.writerows((s, e, f"{d:.8f}", model_digest) for s, e, d in distances)
+    writer.writerow(["start", "end", "angular_distance", "distance_rank", "residual", "residual_rank", "model_digest"])
+    for s, e, d in distances:
+        residual = (residuals or {}).get((s, e))
+        writer.writerow((s, e, f"{d:.8f}", distance_rank[(s, e)], "" if residual is None else f"{residual:.8e}",
+                         residual_rank.get((s, e), ""), model_digest))
     return out.getvalue()
 
 
+def _ranks(scores: Mapping[Block, float]) -> dict[Block, int]:
+    """1 for the lowest score (ties by start), as :func:`select_blocks` takes them."""
+    return {block: rank for rank, (_, block) in enumerate(sorted((v, b) for b, v in scores.items()), start=1)}
+
+
 def distances_from_csv(text: str, source: str) -> list[tuple[int, int, float]]:
-    return [(s, e, d) for s, e, d, _ in _distance_rows(text, source)]
+    return [(s, e, d) for s, e, d, _, _ in _distance_rows(text, source)]
+
+
+def residuals_from_csv(text: str, source: str) -> dict[Block, float] | None:
+    """The residual of every candidate in a saved profile; None when it has none (distance only)."""
+    residuals = {(s, e): r for s, e, _, r, _ in _distance_rows(text, source) if r is not None}
+    return residuals or None
 
 
 def reusable_distances(text: str, source: str, *, block_size: int, model_digest: str) -> list[tuple[int, int, float]]:
     """A saved profile, refused when it was measured for another block size or on another model
     (reusing it would remove the wrong number of layers, or layers chosen for another model)."""
     rows = _distance_rows(text, source)
-    distances = [(s, e, d) for s, e, d, _ in rows]
+    distances = [(s, e, d) for s, e, d, _, _ in rows]
     if not distances:
         raise ReplaceMeError(f"distances_path: {source} holds no distances; delete it to measure them again")
     sizes = sorted({e - s for s, e, _ in distances})
@@ -126,9 +146,12 @@ def reusable_distances(text: str, source: str, *, block_size: int, model_digest:
     return distances
 
 
-def _distance_rows(text: str, source: str) -> list[tuple[int, int, float, str | None]]:
+def _distance_rows(text: str, source: str) -> list[tuple[int, int, float, float | None, str | None]]:
+    """(start, end, distance, residual or None, model digest) per row; files written before the
+    residual was measured have no such column."""
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
-        return [(int(r["start"]), int(r["end"]), float(r["angular_distance"]), r.get("model_digest")) for r in rows]
+        return [(int(r["start"]), int(r["end"]), float(r["angular_distance"]),
+                 float(r["residual"]) if r.get("residual") else None, r.get("model_digest")) for r in rows]
     except (KeyError, ValueError, TypeError) as exc:
         raise ReplaceMeError(f"distances_path: {source} is not a distances.csv written by replaceme ({exc})") from None

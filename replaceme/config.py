@@ -150,6 +150,12 @@ class ReplaceMeConfig(_Strict):
 
     # --- ours -------------------------------------------------------------------------------
     blocks: list[Block] | None = Field(default=None, description="explicit 0-based half-open blocks")
+    selection: Literal["residual", "distance"] = Field(
+        default="residual",
+        description="how candidate blocks are ranked: residual = how much of the block's change the fitted "
+                    "linear map leaves undone, per token relative to the stream (benchmarks/RESULTS.md); "
+                    "distance = the paper's angular distance",
+    )
     eval: EvalConfig | None = None
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -226,6 +232,12 @@ class ReplaceMeConfig(_Strict):
         """Sequential fitting of several blocks calibrates later blocks behind the earlier maps, so
         the solver settings shape their statistics too."""
         return self.sequential and (self.num_A > 1 or len(self.blocks or []) > 1)
+
+    @property
+    def profile_gathers_statistics(self) -> bool:
+        """Whether the profile pass gathers every candidate block's statistics: to rank the candidates
+        by residual, or to fit the selected blocks without a second pass."""
+        return self.selection == "residual" or self.second_pass_reason is None
 
     @property
     def second_pass_reason(self) -> str | None:

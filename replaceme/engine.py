@@ -107,9 +107,10 @@ class CalibrationEngine(Protocol):
     process (:class:`LocalEngine`) and on a Ray cluster (:class:`replaceme.distributed.engine.RayEngine`);
     both give the same distances and maps to float64 round-off."""
 
-    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+    def profile(self, block_size: int, *, statistics: bool = False, weighted: bool = False) -> Profile:
         """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later
-        and, with ``statistics`` where the engine can, every such block's statistics (else None)."""
+        and, with ``statistics`` where the engine can, every such block's statistics (else None);
+        ``weighted``: their stream-weighted part too (:class:`CandidateStats`, residual selection)."""
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -287,10 +288,10 @@ class LocalEngine:
         layers that starts at layer 1 or later: ``[(s, e, distance), …]``."""
         return self.profile(block_size).distances
 
-    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+    def profile(self, block_size: int, *, statistics: bool = False, weighted: bool = False) -> Profile:
         """Every candidate block's distance and, with ``statistics``, its least-squares statistics on
         the unpruned stream (a candidate's X, h_{s-1} and h_{e-1} are all in the window the distance
-        slides). Statistics that would take over half the budget are not gathered (``candidates``
+        slides; ``weighted`` adds their stream-weighted part). Statistics that would take over half the budget are not gathered (``candidates``
         None: the caller then fits in a second pass).
 
         Layer-major inside a chunk: the block ending at layer j needs ``h_{j-L}`` (and, for its
@@ -299,8 +300,8 @@ class LocalEngine:
         """
         n = self.model.num_layers
         angles = angle_sums(block_size, n)
-        candidates = self._candidate_sums(block_size) if statistics else None
-        need = len(candidates or ()) * 2 * self.model.hidden_size ** 2 * 8
+        candidates = self._candidate_sums(block_size, weighted) if statistics else None
+        need = len(candidates or ()) * CandidateStats.nbytes(self.model.hidden_size, weighted=weighted)
         plan = self.plan(range(n), states=profile_states(block_size, candidates is not None), fixed_bytes=need,
                          what="profile")
         chunks = self.chunks(plan)
@@ -309,16 +310,18 @@ class LocalEngine:
                 chunk._profile_chunk(angles, candidates, bar)
         return Profile(angles.distances(), candidates)
 
-    def _candidate_sums(self, block_size: int) -> dict[Block, CandidateStats] | None:
+    def _candidate_sums(self, block_size: int, weighted: bool) -> dict[Block, CandidateStats] | None:
         """Empty statistics of every candidate block, or None when they would take over half the budget."""
         hidden, count = self.model.hidden_size, self.model.num_layers - block_size
-        need, budget = count * 2 * hidden * hidden * 8, resolve_budget(self.memory_budget, self.model.device)
+        need = count * CandidateStats.nbytes(hidden, weighted=weighted)
+        budget = resolve_budget(self.memory_budget, self.model.device)
         if need > budget // 2:
             log.warning("not gathering the %d candidate blocks' statistics in the profile pass: they take %s of a %s "
                         "budget (engine.memory_budget); the blocks are fitted in a second pass", count, gib(need),
                         gib(budget))
             return None
-        return {(s, s + block_size): CandidateStats.zeros(hidden, self.model.device) for s in range(1, count + 1)}
+        return {(s, s + block_size): CandidateStats.zeros(hidden, self.model.device, weighted=weighted)
+                for s in range(1, count + 1)}
 
     def _profile_chunk(self, angles: AngleSums, candidates: dict[Block, CandidateStats] | None, bar: tqdm) -> None:
         n, size = self.model.num_layers, angles.block_size

@@ -62,6 +62,7 @@ from replaceme.memory import (
     profile_states,
     resolve_budget,
 )
+from replaceme.stats import CandidateStats
 
 Block = tuple[int, int]
 GB = 10**9
@@ -373,13 +374,15 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
     h, n = shape.hidden_size, shape.num_layers
     layer_bytes = [p * itemsize for p in shape.layer_params]
     embedding = shape.embedding_params * itemsize
-    accumulators = 2 * h * h * 8
+    accumulators = CandidateStats.nbytes(h)
     one_pass = blocks is None and config.second_pass_reason is None
     passes = []
     if blocks is None:  # profile
-        candidates = (n - config.layers_to_skip) * accumulators if one_pass else 0
+        gathers = config.profile_gathers_statistics
+        per_candidate = CandidateStats.nbytes(h, weighted=config.selection == "residual")
+        candidates = (n - config.layers_to_skip) * per_candidate if gathers else 0
         passes.append(("profile", layer_bytes, batches, config.batch_size, config.max_length,
-                       profile_states(config.layers_to_skip, one_pass), candidates + embedding, 0))
+                       profile_states(config.layers_to_skip, gathers), candidates + embedding, 0))
     if not one_pass:
         passes.append(("calibrate", layer_bytes[:needed], batches, config.batch_size, config.max_length,
                        CALIBRATION_STATES, len(blocks or range(config.num_A)) * accumulators + embedding, 0))
@@ -491,7 +494,8 @@ def _format_in_process(plan: InProcessPlan) -> list[str]:
         lines.append(f"  {p.name:<10} {p.layers} layers, weights {gib(p.weights_bytes)} {weights}; {p.chunks:,} chunk(s) "
                      f"of {p.chunk_batches:,} batch(es) of {gib(p.batch_bytes)}; fixed {gib(p.fixed_bytes)}; "
                      f"peak ≈ {gib(p.peak_bytes)} (least {gib(p.least_bytes)})")
-    lines.append("             fixed = accumulators (2 × hidden² × 8 per block, per candidate in one pass) + embeddings "
+    lines.append("             fixed = accumulators (2 × hidden² × 8 per block; per candidate when the profile gathers "
+                 "statistics, 4 × hidden² × 8 with selection: residual) + embeddings "
                  "(+ LM heads) + one layer's temporaries + cached arguments; a batch = hidden states alive × "
                  "batch_size × max_length × hidden × dtype bytes")
     return lines

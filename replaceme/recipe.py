@@ -34,7 +34,14 @@ from safetensors.torch import save as save_safetensors
 
 from replaceme import __version__, evalcache, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
-from replaceme.blocks import check_blocks, check_selection, distances_to_csv, reusable_distances, select_blocks
+from replaceme.blocks import (
+    check_blocks,
+    check_selection,
+    distances_to_csv,
+    residuals_from_csv,
+    reusable_distances,
+    select_blocks,
+)
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import ReplaceMeConfig, redact_uri
 from replaceme.data import Batch, load_texts, make_batches
@@ -45,14 +52,16 @@ from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
 from replaceme.merge import kept_layers, merge_checkpoint
 from replaceme.outputs import OWNER_FILE, OutputDir, claim_in_place, discard_staging, is_inside, locked, staged_output
 from replaceme.plots import plot_distances
+from replaceme.selection import Ranking, stream_residuals
 from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
-from replaceme.stats import BlockStats
+from replaceme.stats import BlockStats, CandidateStats
 from replaceme.storage import filesystem
 
 log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current maps, for report.json
 PROFILED_STATISTICS = "profile"  # the selected blocks' statistics, gathered by the profile pass
+SELECTION = "selection.json"  # the criterion that chose the blocks, and what each criterion would choose
 
 
 class Context:
@@ -234,11 +243,13 @@ class Context:
 
 
 def profile(ctx: Context, out: OutputDir) -> list[Block]:
-    """The blocks to remove: named in the config, or chosen by angular distance (measured, or reused
-    from ``distances_path``); writes blocks.json (and distances.csv/.png when chosen, and the selected
-    blocks' statistics when the profile pass gathered them)."""
+    """The blocks to remove: named in the config, or chosen by the ``selection`` criterion from every
+    candidate's residual and angular distance (measured, or reused from ``distances_path``); writes
+    blocks.json (and distances.csv/.png and selection.json when chosen, and the selected blocks'
+    statistics when the profile pass gathered them for the fit)."""
     c = ctx.config
-    out.remove(PROFILED_STATISTICS)  # an earlier profile's: never read by this run's calibrate
+    for earlier in (PROFILED_STATISTICS, SELECTION):  # an earlier profile's: never read by this run's later steps
+        out.remove(earlier)
     if ctx.blocks:
         out.write_json("blocks.json", [list(b) for b in ctx.blocks])
         return ctx.blocks
@@ -247,30 +258,69 @@ def profile(ctx: Context, out: OutputDir) -> list[Block]:
     candidates = None
     with ctx.timed("profile"):
         if saved is not None and c.distances_path:
-            distances = reusable_distances(saved, c.distances_path, block_size=c.layers_to_skip, model_digest=model_digest)
-            log.info("reusing block distances from %s", c.distances_path)
+            ranking = _saved_ranking(c, saved, model_digest)
+            log.info("reusing the block profile from %s", c.distances_path)
         else:  # in this process, or on the Ray stage actors with engine.backend: ray
-            two_passes = c.second_pass_reason
-            if two_passes:
-                log.info("profile: the selected blocks will be fitted in a second pass: %s", two_passes)
-            result = ctx.engine.profile(c.layers_to_skip, statistics=two_passes is None)
-            distances, candidates = result.distances, result.candidates
-        blocks = select_blocks(distances, num_blocks=c.num_A, min_start=c.min_distance_layer,
-                               merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
-    if candidates is not None and all(b in candidates for b in blocks):
-        for s, e in blocks:  # the selected blocks' statistics: calibrate solves them without a model pass
-            out.write_bytes(f"{PROFILED_STATISTICS}/stats-{s}-{e}.safetensors", candidates[(s, e)].stats.to_bytes())
-    elif candidates is not None:
-        log.info("profile: merged consecutive blocks %s are not single candidates; they are fitted in a second pass",
-                 [list(b) for b in blocks])
-    csv_text = distances_to_csv(distances, model_digest)
+            ranking, candidates = _measured_ranking(ctx)
+        choices = {name: select_blocks(scores, num_blocks=c.num_A, min_start=c.min_distance_layer,
+                                       merge_consecutive=c.merge_consecutive, num_layers=ctx.num_layers)
+                   for name, scores in ranking.scores().items()}
+        blocks = choices[ranking.criterion]
+    _save_profiled_statistics(c, out, blocks, candidates)
+    csv_text = distances_to_csv(ranking.distances, model_digest, ranking.residuals)
     out.write_text("distances.csv", csv_text)
-    out.write_bytes("distances.png", plot_distances(distances, blocks, c.layers_to_skip))
+    out.write_bytes("distances.png", plot_distances(ranking.distances, blocks, c.layers_to_skip))
+    out.write_json(SELECTION, ranking.summary(choices))
     if c.distances_path and saved is None:
         fs, path = filesystem(c.distances_path, field="distances_path", options=c.storage_options(c.distances_path))
         fs.pipe_file(path, csv_text.encode())
     out.write_json("blocks.json", [list(b) for b in blocks])
     return blocks
+
+
+def _saved_ranking(c: ReplaceMeConfig, saved: str, model_digest: str) -> Ranking:
+    """The ranking in ``distances_path``, refused for residual selection when it holds distances only."""
+    path = c.distances_path or ""
+    distances = reusable_distances(saved, path, block_size=c.layers_to_skip, model_digest=model_digest)
+    residuals = residuals_from_csv(saved, path)
+    if c.selection == "residual" and residuals is None:
+        raise ReplaceMeError(f"distances_path: {path} holds angular distances only (saved before blocks were ranked "
+                             "by residual); set selection: distance to choose by them, or point distances_path at a "
+                             "new file to measure both")
+    return Ranking(c.selection, distances, residuals)
+
+
+def _measured_ranking(ctx: Context) -> tuple[Ranking, dict[Block, CandidateStats] | None]:
+    """One profile pass: every candidate's distance and, when the settings need them, statistics."""
+    c = ctx.config
+    two_passes = c.second_pass_reason
+    if two_passes:
+        log.info("profile: the selected blocks will be fitted in a second pass: %s", two_passes)
+    residual = c.selection == "residual"
+    result = ctx.engine.profile(c.layers_to_skip, statistics=c.profile_gathers_statistics, weighted=residual)
+    candidates = result.candidates
+    if not residual:
+        return Ranking(c.selection, result.distances), candidates
+    if candidates is None:
+        reason = "the candidate blocks' statistics were not gathered (see the warning above)"
+        log.warning("selection: residual needs every candidate block's statistics; %s, so the blocks are chosen by "
+                    "angular distance", reason)
+        return Ranking(c.selection, result.distances, reason=reason), None
+    return Ranking(c.selection, result.distances, stream_residuals(candidates)), candidates
+
+
+def _save_profiled_statistics(c: ReplaceMeConfig, out: OutputDir, blocks: list[Block],
+                              candidates: dict[Block, CandidateStats] | None) -> None:
+    """The selected blocks' statistics from the profile pass, when they serve the fit: calibrate then
+    solves them without a model pass."""
+    if candidates is None or c.second_pass_reason is not None:
+        return
+    if not all(b in candidates for b in blocks):
+        log.info("profile: merged consecutive blocks %s are not single candidates; they are fitted in a second pass",
+                 [list(b) for b in blocks])
+        return
+    for s, e in blocks:
+        out.write_bytes(f"{PROFILED_STATISTICS}/stats-{s}-{e}.safetensors", candidates[(s, e)].stats.to_bytes())
 
 
 def _read_distances(ctx: Context) -> str | None:
@@ -556,6 +606,7 @@ def write_report(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[
         "removed_layers": removed,
         "removed_fraction": removed / ctx.num_layers,
         "method": ctx.config.method,
+        "selection": json.loads(out.read_text(SELECTION)) if out.exists(SELECTION) else None,
         "calibration_tokens": calibration["tokens"],
         **metrics,
         "solver": json.loads(out.read_text(SOLVER_DETAILS))["blocks"],
@@ -604,7 +655,7 @@ class Outcome:
 def _profile_step(job: StepRunner) -> dict[str, Any]:
     ctx, out = job.ctx, job.out
     blocks = [list(b) for b in profile(ctx, out)]
-    names = ["blocks.json"] + ([] if ctx.blocks else ["distances.csv", "distances.png"])
+    names = ["blocks.json"] + ([] if ctx.blocks else ["distances.csv", "distances.png", SELECTION])
     names += [PROFILED_STATISTICS] if out.exists(PROFILED_STATISTICS) else []
     return {"blocks": blocks, "selected": not ctx.blocks, "artefacts": artefact_uris(out, *names)}
 

@@ -4,8 +4,9 @@ Angular distance ranks a block by how much it changes the stream; what matters i
 that change the map ``T`` cannot undo. Every criterion here is a pure function of per-candidate
 statistics gathered on the unpruned stream, for every candidate block ``[s, e)``:
 
-* :class:`CandidateStats` — the least-squares statistics of the block (:class:`BlockStats`:
-  ``XᵀX``, ``XᵀY``, ``‖Y‖²``, tokens) and ``stream_sq = Σ‖h_{e-1}‖²`` over the same tokens;
+* :class:`~replaceme.stats.CandidateStats` — the least-squares statistics of the block
+  (``XᵀX``, ``XᵀY``, ``‖Y‖²``, tokens), ``stream_sq = Σ‖h_{e-1}‖²`` over the same tokens and,
+  optionally, the same statistics weighted token by token by ``1/‖h_{e-1}‖²``;
 * :func:`residual_scores` — ``‖Y − X·T‖²`` from the statistics alone
   (``‖Y‖² − 2·tr(TᵀXᵀY) + tr(TᵀXᵀX·T)``), normalised per token, by ``‖Y‖²``, by the stream's
   norm after the block, by the residual of plain dropping, or token by token by the stream's
@@ -14,6 +15,9 @@ statistics gathered on the unpruned stream, for every candidate block ``[s, e)``
 * :class:`CosineSums` — mean cosine distance, per token, between the stream with the fitted map
   folded in (``h_{s-1} − X + X·T``) and the original stream after the block (``h_{e-1}``) on a
   held-out slice; it needs token rows, not only statistics, and sums over batches by addition;
+* :class:`Ranking` — what a run ranked the candidates by (``selection: residual`` ranks them by
+  :func:`stream_residuals`, ``token_stream`` below, the winner of ``benchmarks/selection_quality.py``;
+  ``distance`` by the paper's angular distance) and the blocks each criterion would remove;
 * :func:`shortlist` / :func:`refine` / :func:`choose` — the few best candidates of a criterion (to
   measure their next-token loss), those measured ranked first, and the ``num_blocks``
   non-overlapping blocks a criterion selects (greedy, lowest first, exactly as
@@ -24,6 +28,7 @@ Notation as in the design: ``X`` = MLP output of layer ``s-1``, ``Y = h_{e-1} �
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,52 +37,14 @@ import torch
 
 from replaceme.blocks import select_blocks
 from replaceme.solvers import solve_lstsq
-from replaceme.stats import BlockStats
+from replaceme.stats import BlockStats, CandidateStats
 
+log = logging.getLogger("replaceme")
 Block = tuple[int, int]
 Scores = dict[Block, float]
 
 # How a residual is made comparable across blocks (see residual_scores).
 NORMALISATIONS = ("tokens", "target", "stream", "drop", "token_stream")
-
-
-@dataclass
-class CandidateStats:
-    """What the profile pass accumulates for one candidate block, mergeable by addition.
-
-    ``weighted`` (optional, for ``normalise="token_stream"``): the same statistics with every token
-    weighted by ``1/‖h_{e-1}‖²`` (its rows scaled by ``1/‖h_{e-1}‖``), so that the residual of each
-    token is measured relative to the stream it lands in, a stats-only stand-in for the per-token
-    cosine distance."""
-
-    stats: BlockStats
-    stream_sq: float = 0.0  # Σ‖h_{e-1}‖² over the tokens of ``stats`` (float64)
-    weighted: BlockStats | None = None
-
-    @classmethod
-    def zeros(cls, hidden: int, device: torch.device | str = "cpu", *, weighted: bool = False) -> CandidateStats:
-        return cls(BlockStats.zeros(hidden, device=device),
-                   weighted=BlockStats.zeros(hidden, device=device) if weighted else None)
-
-    def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
-        """Add token rows ([n, d], padding dropped): ``X`` (MLP output of layer s-1), ``h_{s-1}``, ``h_{e-1}``."""
-        after, x64 = h_after.to(torch.float64), x.to(torch.float64)
-        y = after - h_before.to(torch.float64) + x64
-        self.stats.update(x64, y)
-        norms_sq = after.square().sum(-1, keepdim=True)
-        self.stream_sq += float(norms_sq.sum())
-        if self.weighted is not None:
-            scale = norms_sq.clamp_min(1e-300).rsqrt()
-            self.weighted.update(x64 * scale, y * scale)
-
-    def __iadd__(self, other: CandidateStats) -> CandidateStats:
-        self.stats += other.stats
-        self.stream_sq += other.stream_sq
-        if (self.weighted is None) != (other.weighted is None):
-            raise ValueError("candidate statistics with and without the weighted part cannot be added")
-        if self.weighted is not None:
-            self.weighted += other.weighted
-        return self
 
 
 def residual_sq(stats: BlockStats, transform: torch.Tensor) -> float:
@@ -95,8 +62,16 @@ def drop_residual_sq(stats: BlockStats) -> float:
 
 
 def fit_maps(candidates: Mapping[Block, CandidateStats], *, alpha: float = 0.0) -> dict[Block, torch.Tensor]:
-    """The ridge least-squares map of every candidate, ``T = (XᵀX + αI)⁻¹XᵀY``."""
-    return {block: solve_lstsq(c.stats, alpha)[0] for block, c in candidates.items()}
+    """The ridge least-squares map of every candidate, ``T = (XᵀX + αI)⁻¹XᵀY`` (a singular system
+    takes the minimum-norm solution, with one warning for all candidates)."""
+    maps, singular = {}, []
+    for block, candidate in candidates.items():
+        maps[block], info = solve_lstsq(candidate.stats, alpha, warn=False)
+        singular += [block] if info.singular else []
+    if singular:
+        log.warning("XᵀX + αI is singular for candidate blocks %s: their residuals use the minimum-norm maps; add "
+                    "calibration data", [list(b) for b in singular])
+    return maps
 
 
 def residual_scores(candidates: Mapping[Block, CandidateStats], *, normalise: str = "stream", alpha: float = 0.0,
@@ -142,6 +117,40 @@ def _normaliser(candidate: CandidateStats, normalise: str) -> float:
     if normalise == "stream":
         return candidate.stream_sq
     return drop_residual_sq(candidate.stats)
+
+
+def stream_residuals(candidates: Mapping[Block, CandidateStats]) -> Scores:
+    """``selection: residual``: per block, ``mean_t ‖y_t − x_t·T‖² / ‖h_{e-1,t}‖²`` with ``T`` the
+    plain least-squares map (α = 0, so the choice does not depend on the solver settings, which
+    ``replaceme solve`` may change afterwards)."""
+    return residual_scores(candidates, normalise="token_stream")
+
+
+@dataclass
+class Ranking:
+    """How a profile ranked the candidate blocks: ``criterion`` chose them (``requested`` unless
+    ``reason`` says why not); ``residuals`` is None where they were not measured."""
+
+    requested: str
+    distances: list[tuple[int, int, float]]
+    residuals: Scores | None = None
+    reason: str | None = None
+
+    @property
+    def criterion(self) -> str:
+        return "residual" if self.requested == "residual" and self.residuals is not None else "distance"
+
+    def scores(self) -> dict[str, list[tuple[int, int, float]]]:
+        """``[(s, e, score), …]`` of every criterion measured, by name."""
+        measured = {"distance": self.distances}
+        if self.residuals is not None:
+            measured["residual"] = [(s, e, self.residuals[(s, e)]) for s, e, _ in self.distances]
+        return measured
+
+    def summary(self, choices: Mapping[str, list[Block]]) -> dict:
+        """selection.json: the criterion used, why not the one requested, each criterion's blocks."""
+        return {"criterion": self.criterion, "requested": self.requested, "reason": self.reason,
+                "blocks_by_criterion": {name: [list(b) for b in blocks] for name, blocks in choices.items()}}
 
 
 @dataclass

@@ -29,11 +29,13 @@ class SolveInfo:
     rank: int | None = None
 
 
-def solve_lstsq(stats: BlockStats, alpha: float = 0.0, diag: bool = False) -> tuple[torch.Tensor, SolveInfo]:
+def solve_lstsq(stats: BlockStats, alpha: float = 0.0, diag: bool = False, *,
+                warn: bool = True) -> tuple[torch.Tensor, SolveInfo]:
     """Ridge least squares from the statistics.
 
     A singular ``XᵀX + αI`` (fewer tokens than hidden size, dead channels, α = 0) falls back to
-    the minimum-norm solution with a warning; set ``alpha > 0`` to regularise instead.
+    the minimum-norm solution with a warning (unless ``warn`` is off: the caller reports it from
+    the returned :class:`SolveInfo`); set ``alpha > 0`` to regularise instead.
     """
     if stats.tokens == 0:
         raise ReplaceMeError("dataset: no calibration tokens reached the solver; the calibration set is empty")
@@ -49,8 +51,9 @@ def solve_lstsq(stats: BlockStats, alpha: float = 0.0, diag: bool = False) -> tu
         return torch.cholesky_solve(stats.xty, factor), SolveInfo()
     solution = torch.linalg.lstsq(system.cpu(), stats.xty.cpu(), driver="gelsd")
     rank = int(solution.rank)
-    log.warning("XᵀX + αI is singular (rank %d of %d, %d tokens, alpha=%g): using the minimum-norm solution; "
-                "add calibration data or set alpha > 0", rank, hidden, stats.tokens, alpha)
+    if warn:
+        log.warning("XᵀX + αI is singular (rank %d of %d, %d tokens, alpha=%g): using the minimum-norm solution; "
+                    "add calibration data or set alpha > 0", rank, hidden, stats.tokens, alpha)
     return solution.solution.to(stats.xtx.device), SolveInfo(singular=True, rank=rank)
 
 

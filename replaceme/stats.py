@@ -69,24 +69,51 @@ class BlockStats:
 class CandidateStats:
     """A candidate block's least-squares statistics on the unpruned stream, gathered while the
     blocks are profiled, plus ``stream_sq`` = Σ‖h_{e-1}‖² over tokens (the norm of the stream the
-    fitted map must reproduce, for residual-based selection)."""
+    fitted map must reproduce).
+
+    ``weighted`` (for residual-based selection): the same statistics with every token's rows scaled
+    by ``1/‖h_{e-1}‖``, so that a map's residual can be measured token by token relative to the
+    stream it lands in (:func:`replaceme.selection.residual_scores`)."""
 
     stats: BlockStats
     stream_sq: float = 0.0
+    weighted: BlockStats | None = None
 
     @classmethod
-    def zeros(cls, hidden: int, device: torch.device | str = "cpu") -> CandidateStats:
-        return cls(BlockStats.zeros(hidden, device))
+    def zeros(cls, hidden: int, device: torch.device | str = "cpu", *, weighted: bool = False) -> CandidateStats:
+        return cls(BlockStats.zeros(hidden, device), weighted=BlockStats.zeros(hidden, device) if weighted else None)
+
+    @staticmethod
+    def nbytes(hidden: int, *, weighted: bool = False) -> int:
+        """Memory of one candidate's statistics: XᵀX and XᵀY in float64 (twice with ``weighted``)."""
+        return (4 if weighted else 2) * hidden * hidden * 8
 
     def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
         """Token rows of X, h_{s-1} and h_{e-1}; Y is formed exactly as calibration forms it."""
-        self.stats.update(x, h_after - h_before + x)
-        self.stream_sq += float(h_after.to(torch.float64).square().sum())
+        y = h_after - h_before + x
+        self.stats.update(x, y)
+        norms_sq = h_after.to(torch.float64).square().sum(-1, keepdim=True)
+        self.stream_sq += float(norms_sq.sum())
+        if self.weighted is not None:
+            scale = norms_sq.clamp_min(1e-300).rsqrt()
+            self.weighted.update(x.to(torch.float64) * scale, y.to(torch.float64) * scale)
 
     def __iadd__(self, other: CandidateStats) -> CandidateStats:
+        if (self.weighted is None) != (other.weighted is None):
+            raise ValueError("candidate statistics with and without their weighted part cannot be added")
         self.stats += other.stats
         self.stream_sq += other.stream_sq
+        if self.weighted is not None and other.weighted is not None:
+            self.weighted += other.weighted
         return self
+
+    def cpu(self) -> CandidateStats:
+        """A copy in host memory (what a stage actor returns to the driver)."""
+        return CandidateStats(_cpu(self.stats), self.stream_sq, _cpu(self.weighted) if self.weighted else None)
+
+
+def _cpu(stats: BlockStats) -> BlockStats:
+    return BlockStats(stats.xtx.cpu(), stats.xty.cpu(), stats.yty_trace, stats.tokens)
 
 
 @dataclass

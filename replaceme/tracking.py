@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from replaceme.blocks import distances_from_csv
+from replaceme.blocks import distances_from_csv, residuals_from_csv
 from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri, without_credentials
 from replaceme.errors import ReplaceMeError
 from replaceme.outputs import OutputDir
@@ -245,8 +245,11 @@ class _Recorder:
             for kind, mb in peaks.items():
                 yield f"peak_memory_mb/{step}/{kind}", mb, 0
         if self.out.exists("distances.csv"):
-            for start, _end, distance in distances_from_csv(self.out.read_text("distances.csv"), self.out.uri):
+            text = self.out.read_text("distances.csv")
+            for start, _end, distance in distances_from_csv(text, self.out.uri):
                 yield "distance", distance, start
+            for (start, _end), residual in (residuals_from_csv(text, self.out.uri) or {}).items():
+                yield "residual", residual, start
 
     # --- inputs, artifacts, model ------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ def budget_for(folder, batches, pass_plan, *, resident: bool, chunk: int) -> int
 
 
 def profile_plan(e: LocalEngine):
-    e.profile(3, statistics=True)
+    e.profile(3, statistics=True, weighted=True)  # as a run with the default selection: residual
     return e.last_plan
 
 
@@ -85,11 +85,11 @@ def count_loads(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("resident", [True, False])
 def test_profile_in_chunks_equals_one_chunk(model_and_batches, monkeypatch, resident):
     folder, batches = model_and_batches
-    whole = engine(folder, batches).profile(3, statistics=True)
+    whole = engine(folder, batches).profile(3, statistics=True, weighted=True)
     budget = budget_for(folder, batches, profile_plan, resident=resident, chunk=2)
     loads = count_loads(monkeypatch)
     chunked_engine = engine(folder, batches, budget)
-    chunked = chunked_engine.profile(3, statistics=True)
+    chunked = chunked_engine.profile(3, statistics=True, weighted=True)
     plan = chunked_engine.last_plan
     assert (plan.num_chunks, plan.chunk_batches, plan.resident) == (4, 2, resident)
     assert plan.peak_bytes <= plan.budget
@@ -99,6 +99,8 @@ def test_profile_in_chunks_equals_one_chunk(model_and_batches, monkeypatch, resi
         other = chunked.candidates[block]
         assert torch.equal(other.stats.xtx, stats.stats.xtx) and torch.equal(other.stats.xty, stats.stats.xty)
         assert (other.stats.tokens, other.stream_sq) == (stats.stats.tokens, stats.stream_sq)
+        assert torch.equal(other.weighted.xtx, stats.weighted.xtx) and torch.equal(other.weighted.xty, stats.weighted.xty)
+        assert other.weighted.yty_trace == stats.weighted.yty_trace
     # resident: each layer read once; streamed: every layer re-read for every chunk
     assert sorted(loads) == sorted(list(range(LAYERS)) * (1 if resident else plan.num_chunks))
 

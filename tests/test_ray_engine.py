@@ -332,7 +332,7 @@ def profile_stages(ctx, stages, statistics=True):
     """The profile pass on Stage objects chained in this process (no actors), one shard attempt."""
     n = ctx.num_layers
     blocks = tuple((s, s + PROFILED) for s in range(1, n - PROFILED + 1)) if statistics else ()
-    plan = PhasePlan(blocks, {}, n, save_rows=False, profile=PROFILED)
+    plan = PhasePlan(blocks, {}, n, save_rows=False, profile=PROFILED, weighted=statistics)
     for stage in stages:
         stage.set_plan(plan)
     return plan
@@ -347,6 +347,10 @@ def assert_same_candidates(expected, got, tolerance: float) -> None:
         differences = {name: relative(getattr(want.stats, name), getattr(have.stats, name)) for name in ("xtx", "xty")}
         differences["yty_trace"] = abs(have.stats.yty_trace - want.stats.yty_trace) / want.stats.yty_trace
         differences["stream_sq"] = abs(have.stream_sq - want.stream_sq) / want.stream_sq
+        assert (have.weighted is None) == (want.weighted is None), block
+        if want.weighted is not None:  # residual selection's stream-weighted part
+            differences.update({f"weighted {name}": relative(getattr(want.weighted, name), getattr(have.weighted, name))
+                                for name in ("xtx", "xty")})
         assert max(differences.values()) <= tolerance, (block, differences)
         worst = max(worst, *differences.values())
     print("candidate statistics: largest relative difference", worst)
@@ -368,7 +372,7 @@ def test_stages_gather_the_candidates_statistics_of_the_profile_pass(tmp_path):
                 for stage in stages:
                     payload = stage.forward(payload)
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).profile(
-            PROFILED, statistics=True)
+            PROFILED, statistics=True, weighted=True)
     got: dict[tuple[int, int], CandidateStats] = {}
     angles: AngleSums | None = None
     for stage in stages:
@@ -403,9 +407,9 @@ def test_profile_statistics_match_the_in_process_engine(tmp_path, ray_head):
     ctx = recipe.Context(config, progress=False)
     with single_threaded():
         expected = LocalEngine(ctx.layerwise(ctx.checkpoint), ctx.batches, progress=False).profile(
-            PROFILED, statistics=True)
+            PROFILED, statistics=True, weighted=True)
     with closing(recipe.calibration_engine(ctx)) as engine:
-        got = engine.profile(PROFILED, statistics=True)
+        got = engine.profile(PROFILED, statistics=True, weighted=True)
     boundary = split_layers(ctx.checkpoint.config, ctx.num_layers, 2)[1].start
     assert got.candidates is not None
     assert any(s - 1 < boundary <= e - 1 for s, e in got.candidates)  # some straddle the stage boundary
@@ -418,8 +422,10 @@ def test_profile_statistics_match_the_in_process_engine(tmp_path, ray_head):
 
 
 def test_run_on_ray_selects_and_fits_in_one_pass(tmp_path, ray_head, monkeypatch):
-    """`replaceme run` with blocks chosen by distance: the Ray profile pass is the only pass over the
-    calibration set (calibrate solves from its statistics), with the blocks and maps of a local run."""
+    """`replaceme run` with blocks chosen by residual (the default selection): the Ray profile pass is the
+    only pass over the calibration set (calibrate solves from its statistics), with the residuals,
+    blocks and maps of a local run."""
+    from replaceme.blocks import residuals_from_csv
     from safetensors.torch import load_file
 
     from replaceme.distributed.engine import RayEngine
@@ -445,6 +451,11 @@ def test_run_on_ray_selects_and_fits_in_one_pass(tmp_path, ray_head, monkeypatch
     assert passes == [3]  # one pass over the calibration set, the profile's
     (ray_blocks, ray_maps), (local_blocks, local_maps) = fits["ray"], fits["local"]
     assert ray_blocks == local_blocks and len(ray_blocks) == 2
+    residuals = {b: residuals_from_csv((tmp_path / b / "distances.csv").read_text(), b) for b in fits}
+    assert residuals["ray"] is not None and residuals["local"] is not None
+    assert residuals["ray"].keys() == residuals["local"].keys()
+    assert all(residuals["ray"][k] == pytest.approx(v, rel=1e-6) for k, v in residuals["local"].items())
+    assert json.loads((tmp_path / "ray" / "selection.json").read_text())["criterion"] == "residual"
     assert ray_maps.keys() == local_maps.keys()
     for name, want in local_maps.items():  # float32 maps solved from float64 sums added in another order
         assert relative(want, ray_maps[name]) <= 1e-6, name

@@ -13,7 +13,6 @@ import torch
 from replaceme.errors import ReplaceMeError
 from replaceme.selection import (
     NORMALISATIONS,
-    CandidateStats,
     CosineSums,
     choose,
     distance_scores,
@@ -26,7 +25,7 @@ from replaceme.selection import (
     shortlist,
 )
 from replaceme.solvers import solve_lstsq
-from replaceme.stats import AngleSums
+from replaceme.stats import AngleSums, CandidateStats
 
 D = 16
 
@@ -50,14 +49,14 @@ def accumulate(x, before, after, chunks: int = 1) -> CandidateStats:
 
 
 def direct_residual(x, before, after, transform) -> float:
-    x64, y64 = x.double(), (after.double() - before.double() + x.double())
+    x64, y64 = x.double(), (after - before + x).double()  # Y formed in the compute dtype, as calibration forms it
     return float((y64 - x64 @ transform).square().sum())
 
 
 def test_candidate_stats_hold_the_block_statistics_and_the_stream_norm_and_add_up():
     x, before, after = rows(300, 0)
     stats = accumulate(x, before, after)
-    y = after.double() - before.double() + x.double()
+    y = (after - before + x).double()  # formed in the compute dtype, as calibration forms it
     torch.testing.assert_close(stats.stats.xtx, x.double().T @ x.double(), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(stats.stats.xty, x.double().T @ y, rtol=1e-12, atol=1e-9)
     assert stats.stats.yty_trace == pytest.approx(float(y.square().sum()), rel=1e-12)
@@ -118,11 +117,11 @@ def test_each_normalisation_divides_the_residual_by_what_it_names():
     stats = accumulate(x, before, after)
     transform = solve_lstsq(stats.stats)[0]
     residual = direct_residual(x, before, after, transform)
-    y = after.double() - before.double() + x.double()
+    y = (after - before + x).double()
     per_token = (y - x.double() @ transform).square().sum(-1) / after.double().square().sum(-1)
     expected = {"tokens": residual / 400, "target": residual / float(y.square().sum()),
                 "stream": residual / float(after.double().square().sum()),
-                "drop": residual / float((after.double() - before.double()).square().sum()),
+                "drop": residual / float((y - x.double()).square().sum()),
                 "token_stream": float(per_token.mean())}
     assert set(expected) == set(NORMALISATIONS)
     for normalise, value in expected.items():

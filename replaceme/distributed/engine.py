@@ -137,10 +137,11 @@ class RayEngine:
     def distances(self, block_size: int) -> list[tuple[int, int, float]]:
         return self.profile(block_size).distances
 
-    def profile(self, block_size: int, *, statistics: bool = False) -> Profile:
+    def profile(self, block_size: int, *, statistics: bool = False, weighted: bool = False) -> Profile:
         """Mean angular distance of every block of ``block_size`` layers starting at layer 1 or later,
         on stages covering every layer (the candidate blocks span the whole depth), and with
-        ``statistics`` every such block's statistics on the unpruned stream, from the same pass.
+        ``statistics`` every such block's statistics on the unpruned stream, from the same pass
+        (with ``weighted``, their stream-weighted part too, for residual selection).
 
         Each micro-batch carries its rows after the last ``block_size`` layers (and the X rows of the
         candidates open) across stage boundaries, each stage adds the angles (and statistics) of the
@@ -153,8 +154,8 @@ class RayEngine:
         angles = angle_sums(block_size, num_layers)
         pipelines = self._pipelines_for(num_layers)
         try:
-            blocks = self._statistics_blocks(pipelines, block_size, num_layers) if statistics else ()
-            plan = PhasePlan(blocks, {}, num_layers, save_rows=False, profile=block_size)
+            blocks = self._statistics_blocks(pipelines, block_size, num_layers, weighted) if statistics else ()
+            plan = PhasePlan(blocks, {}, num_layers, save_rows=False, profile=block_size, weighted=weighted)
             self._send_plan(pipelines, plan)
             fold = _ShardOrderFold(blocks, _reducers(pipelines, blocks))
             # Added in shard order (not arrival order), so the distances do not depend on timing.
@@ -168,15 +169,18 @@ class RayEngine:
             raise
         return Profile(angles.distances(), candidates)
 
-    def _statistics_blocks(self, pipelines: list[_Pipeline], block_size: int, num_layers: int) -> tuple[Block, ...]:
+    def _statistics_blocks(self, pipelines: list[_Pipeline], block_size: int, num_layers: int,
+                           weighted: bool) -> tuple[Block, ...]:
         """Every candidate block, when each stage can hold the statistics of those ending on it for
         the shards in flight (``stage.STATISTICS_SHARE`` of its device's free memory) and this
         process can hold all their sums; else none (the profile then measures distances only)."""
         blocks = tuple((s, s + block_size) for s in range(1, num_layers - block_size + 1))
-        refusals = [r for r in self.ray.get([actor.statistics_room.remote(blocks, self._shards_per_pipeline())
+        shards = self._shards_per_pipeline()
+        refusals = [r for r in self.ray.get([actor.statistics_room.remote(blocks, shards, weighted=weighted)
                                              for p in pipelines for actor, _ in p.stages]) if r]
         hidden = model_shape(self.settings.model_config).hidden_size
-        need, free = len(blocks) * 2 * hidden * hidden * 8, free_bytes(torch.device("cpu"))
+        need = len(blocks) * CandidateStats.nbytes(hidden, weighted=weighted)
+        free = free_bytes(torch.device("cpu"))
         if need > free // 2:
             refusals.append(f"their sums take {gib(need)} of the {gib(free)} free in this process")
         if refusals:

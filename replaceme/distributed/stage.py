@@ -52,6 +52,7 @@ class PhasePlan:
     end_layer: int  # the pass stops before this layer
     save_rows: bool  # stream (X, Y, residual) rows to the activation store
     profile: int = 0  # L > 0: measure the distances of L-layer blocks (block selection) instead
+    weighted: bool = False  # profile: gather the candidates' stream-weighted statistics too (residual selection)
 
     @property
     def skipped(self) -> set[int]:
@@ -107,7 +108,7 @@ class Stage:
             for block in self.ending_blocks(plan):
                 if (block, payload.shard, payload.attempt) not in self._candidates:
                     self._candidates[(block, payload.shard, payload.attempt)] = CandidateStats.zeros(
-                        self.model.hidden_size, self.device)
+                        self.model.hidden_size, self.device, weighted=plan.weighted)
             payload.window = [rows.to(self.device) for rows in payload.window]
             payload.candidate_x = {b: rows.to(self.device) for b, rows in payload.candidate_x.items()}
         kwargs_by_key: dict[int, dict] = {}
@@ -213,10 +214,7 @@ class Stage:
                                  "(restarted since)")
         finished: list[CandidateStats] = []
         for block in self.ending_blocks(self._plan_of(shard, attempt)):
-            partial = self._take(self._candidates, "candidate", block, shard, attempt)
-            stats = partial.stats
-            finished.append(CandidateStats(BlockStats(stats.xtx.cpu(), stats.xty.cpu(), stats.yty_trace, stats.tokens),
-                                           partial.stream_sq))
+            finished.append(self._take(self._candidates, "candidate", block, shard, attempt).cpu())
         self._drop_stale(shard, attempt)
         return [angles, *finished] if finished else angles
 
@@ -239,12 +237,12 @@ class Stage:
                                  "(restarted since)")
         return plan
 
-    def statistics_room(self, blocks: tuple[Block, ...], shards: int) -> str | None:
+    def statistics_room(self, blocks: tuple[Block, ...], shards: int, *, weighted: bool = False) -> str | None:
         """None when this stage can gather the statistics of the candidates among ``blocks`` ending
         on it for ``shards`` shards at once within :data:`STATISTICS_SHARE` of its device's free
         memory; else why not."""
         count = sum(1 for b in blocks if b[1] - 1 in self.layers)
-        need = count * 2 * self.model.hidden_size ** 2 * 8 * shards
+        need = count * CandidateStats.nbytes(self.model.hidden_size, weighted=weighted) * shards
         free = free_bytes(self.device)
         if need <= STATISTICS_SHARE * free:
             return None
