@@ -3,15 +3,15 @@
 The in-process engine takes the calibration set a chunk at a time, sized to
 ``engine.memory_budget``, so the memory a pass holds should not grow with the data. Each point
 runs in a fresh interpreter: it tokenizes 1×, 4× or 16× the calibration tokens, runs the profile
-pass with every candidate's statistics (``LocalEngine.profile(L, statistics=True)``), selects a
+pass with every candidate's statistics, weighted part included, as the default ``selection:
+residual`` gathers them (``LocalEngine.profile(L, statistics=True, weighted=True)``), selects a
 block and runs a calibrate pass for it, and reads the peak RSS (VmHWM, reset just before the
 passes, and again between them). Side by side, three series:
 
 * **fixed**: a budget chosen here so that the 1× data is one chunk of the profile pass (the
   smallest budget, in MiB, for which the engine's own plan says so), then 4× and 16× take more chunks;
-* **fixed, mmap threshold pinned**: the same, with glibc's mmap threshold fixed at its default
-  (``MALLOC_MMAP_THRESHOLD_``), so freed tensors go back to the kernel (separates what the engine
-  holds from what the allocator keeps);
+* **fixed, no trim (before)**: the same with the engine's ``release_freed_memory`` between chunks
+  (glibc's ``malloc_trim``) switched off in the child: what the allocator kept before it;
 * **unbounded** (the old behaviour): ``1TB`` with the engine's cap on a resident chunk
   (``replaceme.memory.RESIDENT_CHUNK_BYTES``) lifted in the child, so every pass is one chunk
   holding the hidden states of the whole set.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,14 @@ import torch
 from _record import machine, record, table
 from _setup import random_llama
 from replaceme.errors import ReplaceMeError
+from replaceme.stats import CandidateStats
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data" / "calib.jsonl"
 FACTORS = (1, 4, 16)
 UNBOUNDED = "1TB"
-PINNED = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # glibc's default threshold, its dynamic raising switched off
-# (label, fixed budget?, environment of the child)
-SERIES = [("fixed", True, {}), ("fixed, mmap threshold pinned", True, PINNED), ("unbounded (old)", False, {})]
+# (label, fixed budget?, trim between chunks?)
+SERIES = [("fixed", True, True), ("fixed, no trim (before)", True, False), ("unbounded (old)", False, True)]
 ALPHA = 1e-3  # a small ridge term: every point solves by Cholesky (1× has fewer tokens than the wide model's hidden size)
 
 
@@ -86,12 +85,12 @@ def one_chunk_budget(model: str, count: int, batch_size: int, max_length: int, b
 
     engine.chunks = stop  # profile() plans, then asks for its chunks: stop there
     hidden, layers = engine.model.hidden_size, engine.model.num_layers
-    need = (layers - block_size) * 2 * hidden * hidden * 8  # the candidates' statistics: gathered when <= budget/2
+    need = (layers - block_size) * CandidateStats.nbytes(hidden, weighted=True)  # gathered when <= budget/2
 
     def one_chunk(mib: int) -> bool:
         engine.memory_budget = mib * 2**20
         try:
-            engine.profile(block_size, statistics=True)
+            engine.profile(block_size, statistics=True, weighted=True)
         except Planned:
             return engine.last_plan.num_chunks == 1
         except ReplaceMeError as exc:  # a budget too small for one layer and one batch
@@ -101,10 +100,10 @@ def one_chunk_budget(model: str, count: int, batch_size: int, max_length: int, b
         raise AssertionError("profile ran past its plan")
 
     step = 8
-    mib = -(-2 * need // 2**20)
+    least = mib = -(-2 * need // 2**20)  # below it the statistics are not gathered, and the plan is smaller
     while not one_chunk(mib):
         mib += step
-    while mib > 1 and one_chunk(mib - 1):  # the first MiB of that step that is one chunk
+    while mib > least and one_chunk(mib - 1):  # the first MiB of that step that is one chunk
         mib -= 1
     return mib * 2**20
 
@@ -112,19 +111,22 @@ def one_chunk_budget(model: str, count: int, batch_size: int, max_length: int, b
 def child(spec: dict) -> dict:
     """One point, in this (fresh) interpreter."""
     torch.set_num_threads(spec["threads"])
+    from replaceme import engine as engine_module
     from replaceme import memory, peak_memory
     from replaceme.blocks import select_blocks
     from replaceme.solvers import solve_lstsq
 
     if spec["unbounded"]:
         memory.RESIDENT_CHUNK_BYTES = 2**62  # no cap on a resident chunk: one chunk, as before chunking
+    if not spec["trim"]:
+        engine_module.release_freed_memory = lambda: None
     engine = open_engine(spec["model"], spec["texts"], spec["batch_size"], spec["max_length"], spec["budget"])
     tokens = sum(b.num_tokens for b in engine.batches)
     block_size = spec["block_size"]
     rss_before = _status_mib("VmRSS")
     peak_memory.reset_peak()
     started = time.perf_counter()
-    profile = engine.profile(block_size, statistics=True)
+    profile = engine.profile(block_size, statistics=True, weighted=True)
     profile_plan = engine.last_plan
     profile_peak = _status_mib("VmHWM")
     peak_memory.reset_peak()
@@ -154,9 +156,9 @@ def _status_mib(key: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(spec: dict, env: dict[str, str]) -> dict:
+def measure(spec: dict) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
-                            capture_output=True, text=True, env={**os.environ, **env})
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"child failed ({spec}):\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -187,11 +189,11 @@ def main() -> None:
     for name, model, count, batch_size, max_length, block_size in models:
         budget = budgets[name] = one_chunk_budget(str(model), count, batch_size, max_length, block_size)
         for factor in factors:
-            for label, fixed, env in SERIES:
+            for label, fixed, trim in SERIES:
                 spec = {"model": str(model), "texts": count * factor, "batch_size": batch_size,
                         "max_length": max_length, "block_size": block_size, "threads": args.threads,
-                        "unbounded": not fixed, "budget": budget if fixed else UNBOUNDED}
-                point = points[(name, factor, label)] = measure(spec, env)
+                        "unbounded": not fixed, "budget": budget if fixed else UNBOUNDED, "trim": trim}
+                point = points[(name, factor, label)] = measure(spec)
                 print(name, factor, label, json.dumps(point), flush=True)
         for label, fixed, _ in SERIES:
             base = points[(name, 1, label)]
@@ -217,7 +219,7 @@ def main() -> None:
 
     met = worst("fixed") <= 1.10
     summary = (f"fixed budget: worst peak-RSS ratio to 1× over 4× and 16×, both models: {worst('fixed'):.3f} "
-               f"(target ≤ 1.10: **{'met' if met else 'NOT met'}**); the same with glibc's mmap threshold pinned: "
+               f"(target ≤ 1.10: **{'met' if met else 'NOT met'}**); the same without the trim between chunks: "
                f"{worst(SERIES[1][0]):.3f}; unbounded (old behaviour): {worst(SERIES[2][0]):.3f}")
     elapsed = time.perf_counter() - started
     print(table(headers, rows))
@@ -228,7 +230,8 @@ def main() -> None:
     (b_name, _, b_count, *_), (w_name, _, w_count, *_) = models
     record("Memory budget: peak RSS as the calibration set grows", f"""
 `python benchmarks/memory_budget.py` — each point in a fresh interpreter ({args.threads} torch thread): tokenize the
-texts, reset the peak-RSS mark (`/proc/self/clear_refs`), run `LocalEngine.profile(L, statistics=True)`, read
+texts, reset the peak-RSS mark (`/proc/self/clear_refs`), run `LocalEngine.profile(L, statistics=True,
+weighted=True)` (every candidate's statistics, as `selection: residual` gathers them), read
 VmHWM, reset it, drop the candidates' statistics (the recipe keeps only the selected block's, on disk), select
 one block by distance, `LocalEngine.calibrate` it (lstsq), read VmHWM again. *Peak RSS* is
 the larger reading (interpreter, torch, tokenizer and batches included); *added by the pass* is a pass's reading
@@ -239,10 +242,10 @@ bf16 Llama built with `_setup.random_llama` (hidden 1024, intermediate 4096, 8 l
 float32; L = 2; batches of 2 × 128 tokens; 1× = {w_count} texts, {points[(w_name, 1, "fixed")]['tokens']:,} tokens).
 Series: *fixed* — the smallest whole number of MiB for which the engine plans the 1× profile pass as one chunk
 (asked of the engine itself, stopped before any layer runs): {budgets[b_name] / 2**20:.0f} MiB for the bundled
-model, {budgets[w_name] / 2**20:.0f} MiB for the random one; *fixed, glibc mmap threshold pinned* — the same with
-`MALLOC_MMAP_THRESHOLD_={PINNED["MALLOC_MMAP_THRESHOLD_"]}` in the child's environment (glibc's default threshold,
-but fixed: glibc otherwise raises it each time a large block is freed, after which blocks of that size come from
-the heap, where freed memory stays resident); *unbounded (old)* — `memory_budget="{UNBOUNDED}"` with the cap on a
+model, {budgets[w_name] / 2**20:.0f} MiB for the random one; the engine hands freed memory back to the kernel
+between chunks (`replaceme.memory.release_freed_memory`, glibc's `malloc_trim`: glibc raises its mmap threshold
+each time a large block is freed, after which blocks of that size come from the heap, where freed memory stays
+resident); *fixed, no trim (before)* — the same with that call switched off; *unbounded (old)* — `memory_budget="{UNBOUNDED}"` with the cap on a
 resident chunk (`replaceme.memory.RESIDENT_CHUNK_BYTES`, 2 GiB) lifted, i.e. one chunk holding the whole set's
 hidden states, as before chunking. Machine: {machine()}; 2 cores shared with other jobs while this ran (seconds
 are indicative only). Whole benchmark: {elapsed:.0f} s.
@@ -251,8 +254,8 @@ are indicative only). Whole benchmark: {elapsed:.0f} s.
 
 {summary}.
 
-`replaceme plan`'s in-process memory estimate (the same arithmetic, without a pass) is not built yet; not
-measured here.
+`replaceme plan` prints the same estimate per pass (the engine's own arithmetic, `memory.plan_pass`) without
+running a pass.
 """)
 
 if __name__ == "__main__":

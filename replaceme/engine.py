@@ -52,6 +52,7 @@ from replaceme.memory import (
     gib,
     plan_pass,
     profile_states,
+    release_freed_memory,
     resolve_budget,
 )
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
@@ -308,6 +309,7 @@ class LocalEngine:
         with self._bar(n * len(chunks), "profile") as bar:
             for chunk in chunks:
                 chunk._profile_chunk(angles, candidates, bar)
+                release_freed_memory()
         return Profile(angles.distances(), candidates)
 
     def _candidate_sums(self, block_size: int, weighted: bool) -> dict[Block, CandidateStats] | None:
@@ -388,6 +390,7 @@ class LocalEngine:
             if not sequential:
                 for chunk in chunks:
                     chunk._sweep(blocks, sums, transforms, bar, fold=False)
+                    release_freed_memory()
                 return [self._solve(sums[b], estimator) for b in blocks]
             kept: list[_Sweep | None] = [None] * len(chunks)  # one chunk's state stays in memory from block to block
             for i, block in enumerate(blocks):
@@ -395,6 +398,7 @@ class LocalEngine:
                     state = chunk._sweep(blocks[:i + 1], sums, transforms, bar, fold=True, state=kept[c])
                     kept[c] = state if len(chunks) == 1 else None
                     del state  # else this chunk's stream and X stay alive while the next chunk runs
+                    release_freed_memory()
                 results.append(self._solve(sums[block], estimator))
                 transforms[block] = results[-1][1]
         return results
@@ -480,6 +484,7 @@ class LocalEngine:
                     chunk_nll, chunk_tokens = engine._nll(engine.run_layers(layers, prefix, bar), head)
                     nll[i] += chunk_nll
                     tokens[i] += chunk_tokens
+                release_freed_memory()
         if tokens[0] == 0:
             raise ReplaceMeError("eval.dataset: no tokens to predict; the evaluation texts are too short")
         return [(math.exp(total / count), count) for total, count in zip(nll, tokens, strict=True)]

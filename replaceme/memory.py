@@ -17,6 +17,9 @@ The same arithmetic prints the in-process memory need in ``replaceme plan``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import re
@@ -166,6 +169,23 @@ def plan_chunks(*, budget: int, layer_bytes: list[int], batch_bytes: int, fixed_
         chunk -= chunk % batches_per_shard
     return ChunkPlan(budget, weights, largest, resident, fixed_bytes, batch_bytes, int(chunk), num_batches,
                      kwargs_bytes, logits_bytes)
+
+
+def release_freed_memory() -> None:
+    """Hand the host memory freed since the last call back to the kernel (glibc's ``malloc_trim``;
+    nothing elsewhere). Called between chunks: glibc raises its mmap threshold each time a large
+    block is freed, after which blocks of that size come from the heap, and what a chunk frees
+    there would otherwise stay resident and add up chunk after chunk (benchmarks/memory_budget.py)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    library = ctypes.CDLL(name) if name else None
+    return getattr(library, "malloc_trim", None)
 
 
 def gib(nbytes: float) -> str:

@@ -425,9 +425,9 @@ def test_run_on_ray_selects_and_fits_in_one_pass(tmp_path, ray_head, monkeypatch
     """`replaceme run` with blocks chosen by residual (the default selection): the Ray profile pass is the
     only pass over the calibration set (calibrate solves from its statistics), with the residuals,
     blocks and maps of a local run."""
-    from replaceme.blocks import residuals_from_csv
     from safetensors.torch import load_file
 
+    from replaceme.blocks import residuals_from_csv
     from replaceme.distributed.engine import RayEngine
 
     passes = []
