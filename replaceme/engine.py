@@ -473,7 +473,8 @@ class LocalEngine:
         head_bytes = sum(_module_bytes(m) for head in heads for m in head)
         plan = self.plan(range(shared if not include_self else self.model.num_layers), states=EVALUATION_STATES,
                          fixed_bytes=head_bytes, what="evaluation", others=others)
-        views = [self.chunks(plan)] + [[o._subset(c.batch_ids) for c in self.chunks(plan)] for o in others]
+        mine = self.chunks(plan)
+        views = [mine] + [[o._subset(c.batch_ids) for c in mine] for o in others]
         nll = [0.0] * len(models)
         tokens = [0] * len(models)
         with self._bar(sum(map(len, kept)) * plan.num_chunks + shared * plan.num_chunks, "evaluate") as bar:

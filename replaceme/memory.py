@@ -189,7 +189,11 @@ def _malloc_trim():
 
 
 def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:,.2f} GiB"
+    """A size for people: GiB, or MiB / KiB below one (a 10 kB budget is not "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.2f} {unit}"
+    return f"{nbytes / 2**10:,.2f} KiB"
 
 
 def _meminfo_available() -> int:

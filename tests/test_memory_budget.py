@@ -167,7 +167,7 @@ def test_budget_too_small_for_one_batch_is_one_clear_error(model_and_batches):
     with pytest.raises(ReplaceMeError) as error:
         engine(folder, batches, "10kB").profile(3)
     message = str(error.value)
-    assert message.startswith("engine.memory_budget: 0.00 GiB cannot hold one layer") and "raise it to at least" in message
+    assert message.startswith("engine.memory_budget: 9.77 KiB cannot hold one layer") and "raise it to at least" in message
 
 
 @pytest.mark.parametrize("value, expected", [("64GB", 64 * 10**9), ("512MiB", 512 * 2**20), ("1.5e9", 1_500_000_000),

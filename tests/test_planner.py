@@ -223,7 +223,7 @@ def test_plan_uses_the_engines_arithmetic(tmp_path, tiny_llama):
     ctx = recipe.Context(validate_config(values), progress=False)
     assert all(b.input_ids.shape == (4, 32) for b in ctx.batches)
     engine = recipe.calibration_engine(ctx)
-    engine.profile(2, statistics=True)
+    engine.profile(2, statistics=True, weighted=True)  # as the default selection: residual gathers them
     real = engine.last_plan
     assert real.num_chunks > 1 and not real.resident  # the test covers chunks and streamed weights
     assert (planned.chunks, planned.chunk_batches, planned.resident, planned.weights_bytes, planned.fixed_bytes,
