@@ -359,6 +359,8 @@ class LocalEngine:
         its committed statistics are read back for those blocks.
         """
         blocks = sorted(blocks)
+        if keep_activations and not self.save_rows:
+            self.check_rows_fit(len(blocks))
         committed = self._committed(blocks, keep_activations)
         skipped = set.intersection(*committed.values()) if committed else set()
         runner = self._without_shards(skipped)  # None: every shard is committed, no layer runs
@@ -438,6 +440,19 @@ class LocalEngine:
     def _solve(self, sums: _BlockSums, estimator: Estimator) -> tuple[BlockCapture, torch.Tensor]:
         capture = sums.finish()
         return capture, estimator(capture)
+
+    def check_rows_fit(self, num_blocks: int) -> None:
+        """Rows kept in memory (no activation store) are every calibration token's X, Y and residual
+        in float32, per block, and joined into one tensor for the solver: refused, before the pass,
+        when they would take over half the budget."""
+        tokens = sum(b.num_tokens for b in self.batches)
+        need = num_blocks * tokens * self.model.hidden_size * 3 * 4 * 2
+        budget = resolve_budget(self.memory_budget, self.model.device)
+        if need > budget // 2:
+            raise ReplaceMeError(f"method: cosine keeps the X, Y and residual rows of all {tokens:,} calibration tokens "
+                                 f"in memory, {gib(need)} for {num_blocks} block(s), over half the "
+                                 f"engine.memory_budget of {gib(budget)}; set activations.uri (a folder or s3:// URI) "
+                                 "to stream them through the activation store, or raise engine.memory_budget")
 
     def _committed(self, blocks: Sequence[Block], keep_activations: bool) -> dict[Block, set[int]]:
         """Per block, the shards whose statistics (and rows, when rows are saved) the store already

@@ -384,8 +384,12 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
         passes.append(("profile", layer_bytes, batches, config.batch_size, config.max_length,
                        profile_states(config.layers_to_skip, gathers), candidates + embedding, 0))
     if not one_pass:
+        fitted = len(blocks or range(config.num_A))
+        rows = 0  # method: cosine without a store keeps X, Y, residual rows (float32), joined for the solver
+        if config.method == "cosine" and config.activations.uri is None:
+            rows = fitted * batches * config.batch_size * config.max_length * h * 3 * 4 * 2
         passes.append(("calibrate", layer_bytes[:needed], batches, config.batch_size, config.max_length,
-                       CALIBRATION_STATES, len(blocks or range(config.num_A)) * accumulators + embedding, 0))
+                       CALIBRATION_STATES, fitted * accumulators + rows + embedding, 0))
     if config.eval is not None:
         e = config.eval
         removed = sum(end - start for start, end in blocks) if blocks else config.num_A * config.layers_to_skip
@@ -495,7 +499,8 @@ def _format_in_process(plan: InProcessPlan) -> list[str]:
                      f"of {p.chunk_batches:,} batch(es) of {gib(p.batch_bytes)}; fixed {gib(p.fixed_bytes)}; "
                      f"peak ≈ {gib(p.peak_bytes)} (least {gib(p.least_bytes)})")
     lines.append("             fixed = accumulators (2 × hidden² × 8 per block; per candidate when the profile gathers "
-                 "statistics, 4 × hidden² × 8 with selection: residual) + embeddings "
+                 "statistics, 4 × hidden² × 8 with selection: residual; with method: cosine and no activations.uri "
+                 "every token's rows, 24 × hidden bytes per token and block) + embeddings "
                  "(+ LM heads) + one layer's temporaries + cached arguments; a batch = hidden states alive × "
                  "batch_size × max_length × hidden × dtype bytes")
     return lines

@@ -293,6 +293,8 @@ def _saved_ranking(c: ReplaceMeConfig, saved: str, model_digest: str) -> Ranking
 def _measured_ranking(ctx: Context) -> tuple[Ranking, dict[Block, CandidateStats] | None]:
     """One profile pass: every candidate's distance and, when the settings need them, statistics."""
     c = ctx.config
+    if c.method == "cosine" and isinstance(ctx.engine, LocalEngine) and not ctx.engine.save_rows:
+        ctx.engine.check_rows_fit(c.num_A)  # before the profile pass, not after it
     two_passes = c.second_pass_reason
     if two_passes:
         log.info("profile: the selected blocks will be fitted in a second pass: %s", two_passes)

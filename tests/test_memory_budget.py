@@ -237,3 +237,17 @@ def test_calibrate_never_reads_an_earlier_profiles_statistics(model_and_batches,
     monkeypatch.setattr(LocalEngine, "calibrate", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     (detail,) = recipe.run_step(named, "calibrate", progress=False).marker["solver"]
     assert calls == [1] and detail["tokens"] < 16 * 32
+
+
+def test_cosine_rows_over_the_budget_are_refused_before_the_profile_pass(model_and_batches, tmp_path, monkeypatch):
+    """method: cosine without a store keeps every token's rows in memory: a budget whose half cannot
+    hold them is refused before any layer runs, naming activations.uri."""
+    folder, _ = model_and_batches
+    batches = recipe.Context(run_config(folder, tmp_path, "cosine"), progress=False).batches
+    rows = sum(b.num_tokens for b in batches) * engine(folder, batches).model.hidden_size * 3 * 4 * 2
+    config = run_config(folder, tmp_path, "cosine", method="cosine", engine={"memory_budget": 2 * rows - 1})
+    monkeypatch.setattr(LocalEngine, "run_layer", lambda *a, **k: pytest.fail("a layer ran"))
+    with pytest.raises(ReplaceMeError, match=r"method: cosine keeps the X, Y and residual rows .* set activations.uri"):
+        recipe.run(config, progress=False)
+    # just enough: the check passes (the run itself is the cosine tests' business)
+    engine(folder, batches, 2 * rows).check_rows_fit(1)

@@ -231,3 +231,17 @@ def test_plan_uses_the_engines_arithmetic(tmp_path, tiny_llama):
                                                          real.weights_bytes, real.fixed_bytes, real.batch_bytes,
                                                          real.peak_bytes)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_plan_counts_the_rows_cosine_keeps_in_memory(tmp_path, tiny_llama):
+    """method: cosine without activations.uri keeps every token's X, Y and residual rows: the
+    calibrate pass's fixed memory grows by them (24 bytes per token, hidden unit and block)."""
+    from conftest import CALIB
+
+    values = dict(model_path=str(tiny_llama), dataset=str(CALIB), dataset_size=24, max_length=32, batch_size=4,
+                  layers_to_skip=2, output_dir=str(tmp_path / "out"), method="cosine")
+    cosine = {p.name: p for p in plan(validate_config(values)).in_process.passes}["calibrate"]
+    stored = {p.name: p for p in plan(validate_config({**values, "activations": {"uri": str(tmp_path / "store")}})
+                                      ).in_process.passes}["calibrate"]
+    hidden = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
+    assert cosine.fixed_bytes - stored.fixed_bytes == 24 * 32 * hidden * 3 * 4 * 2  # 24 texts of 32 tokens
