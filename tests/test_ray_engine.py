@@ -482,5 +482,41 @@ def test_profile_measures_distances_only_when_the_statistics_do_not_fit(tmp_path
     engine.settings = StageSettings("unused", json.loads((BUNDLED_MODEL / "config.json").read_text()), "cpu", "float32")
     actor = SimpleNamespace(statistics_room=SimpleNamespace(remote=stage.statistics_room))
     with caplog.at_level("WARNING", logger="replaceme"):
-        assert engine._statistics_blocks([_Pipeline(None, [(actor, range(16))])], PROFILED, 16) == ()
+        assert engine._statistics_blocks([_Pipeline(None, [(actor, range(16))])], PROFILED, 16, True) == ()
     assert "not gathering the 10 candidate blocks' statistics in the profile pass (layers 0-15" in caplog.text
+
+
+def test_a_stage_killed_during_the_profile_pass_loses_no_candidate_statistics(tmp_path, ray_head, monkeypatch):
+    """A stage actor killed after the first shard's candidate statistics reached it: the actor
+    restarts, the shards it held are redone, and the partials already summed survive it (they live
+    in the object store, not in the actor): the run still selects by residual and fits in one pass,
+    with the residuals and blocks of an in-process run."""
+    from replaceme.blocks import residuals_from_csv
+    from replaceme.distributed import engine as engine_module
+
+    add = engine_module._ShardOrderFold.add
+    killed = []
+
+    def add_then_kill(self, shard):
+        add(self, shard)
+        if not killed and self.totals:
+            victim = next(iter(self.reducers.values()))
+            ray.kill(victim, no_restart=False)
+            killed.append(victim)
+
+    monkeypatch.setattr(engine_module._ShardOrderFold, "add", add_then_kill)
+    monkeypatch.setattr(engine_module.RayEngine, "calibrate", lambda *a, **k: pytest.fail("a second pass"))
+    results = {}
+    for backend in ("ray", "local"):
+        config = validate_config(settings(tmp_path, ray_head, layers_to_skip=3, save_transform_only=True,
+                                          mlflow={"enabled": False}, output_dir=str(tmp_path / backend),
+                                          engine={"backend": backend, "stages": 2, "replicas": 1}))
+        with single_threaded() if backend == "local" else nullcontext():
+            blocks = recipe.run(config, progress=False)["blocks"]
+        results[backend] = blocks, residuals_from_csv((tmp_path / backend / "distances.csv").read_text(), backend)
+    assert killed, "no stage was killed"
+    assert json.loads((tmp_path / "ray" / "selection.json").read_text())["criterion"] == "residual"
+    (ray_blocks, ray_residuals), (local_blocks, local_residuals) = results["ray"], results["local"]
+    assert ray_blocks == local_blocks
+    assert ray_residuals is not None and local_residuals is not None
+    assert all(ray_residuals[b] == pytest.approx(v, rel=1e-6) for b, v in local_residuals.items())
