@@ -25,7 +25,7 @@ def _pyplot():
 def _png(figure) -> bytes:
     figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", bbox_inches="tight")  # legends placed outside the axes included
     _pyplot().close(figure)
     return buffer.getvalue()
 
@@ -79,7 +79,7 @@ def runs_figure(labels: Sequence[str], removed: Sequence[float], values: Sequenc
     removed against ``metric``. ``baseline``: the same metric for plain dropping of each run's blocks
     (hollow grey points joined to the run's), when the runs recorded it. A y axis that a tiny spread
     would zoom to full height says so on the figure."""
-    figure, axes = _pyplot().subplots(figsize=(8, 4.5), dpi=100)
+    figure, axes = _pyplot().subplots(figsize=(8, 4.5), dpi=100)  # legend below, one line per run
     colours = _pyplot().get_cmap("tab10")
     shown = list(values)
     for i, (label, x, y) in enumerate(zip(labels, removed, values, strict=True)):
@@ -93,18 +93,15 @@ def runs_figure(labels: Sequence[str], removed: Sequence[float], values: Sequenc
     axes.ticklabel_format(axis="y", useOffset=False)  # no "+9.99e-1" offset that hides the scale
     axes.set_xlabel("fraction of decoder layers removed")
     axes.set_ylabel(metric)
-    axes.set_title(f"{metric} of each run against the fraction of layers removed", fontsize=10)
     notes = []
-    if baseline is None or all(b is None or math.isnan(b) for b in baseline):
-        notes.append(f"plain dropping: not recorded for {metric}")
     zoom = zoom_note(shown)
     if zoom:
         notes.append(zoom)
-    if notes:
-        axes.annotate("\n".join(notes), xy=(0.01, 0.01), xycoords="axes fraction", fontsize=8, va="bottom",
-                      ha="left", color="dimgray")
+    if baseline is None or all(b is None or math.isnan(b) for b in baseline):
+        notes.append(f"plain dropping: not recorded for {metric}")
+    axes.set_title("\n".join([f"{metric} of each run against the fraction of layers removed", *notes]), fontsize=10)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0)
     return figure
 
 
@@ -117,7 +114,7 @@ def zoom_note(values: Sequence[float]) -> str | None:
     if spread == 0:
         return "all values are equal"
     if size > 0 and spread < ZOOM_NOTE_BELOW * size:
-        return f"y axis zoomed in: the values differ by at most {spread:.2g} ({spread / size:.2%} of their size)"
+        return f"y axis zoomed in: the values differ by at most {spread:.2g} ({100 * spread / size:.2g}% of their size)"
     return None
 
 
