@@ -124,8 +124,7 @@ def _pruning_section(config: ReplaceMeConfig, num_layers: int, blocks: Sequence[
         rows += [("Calibration data", f"`{_display(str(data.get('uri', c.dataset)))}`"
                   + (f" (column `{c.dataset_column}`)" if c.dataset_column else "")),
                  ("Calibration texts", f"{data.get('rows', '?')} texts, digest `{data.get('digest', '?')}`"),
-                 ("Calibration tokens", f"{calibration.get('tokens', '?'):,}" if isinstance(calibration.get("tokens"), int)
-                  else "not recorded")]
+                 ("Calibration tokens", _number(calibration.get("tokens")))]
     else:
         rows += [("Calibration data", f"`{_display(c.dataset)}` (texts and token count not recorded)")]
     if c.output.dtype != "source":
@@ -136,8 +135,8 @@ def _pruning_section(config: ReplaceMeConfig, num_layers: int, blocks: Sequence[
                   "block, for comparison):", "", "| block | tokens | map | plain dropping |", "| --- | --- | --- | --- |"]
         for detail in solver:
             s, e = detail["block"]
-            lines.append(f"| [{s}, {e}) | {detail.get('tokens', '?'):,} | {detail['relative_residual']:.4g} | "
-                         f"{detail['relative_residual_dropping']:.4g} |")
+            lines.append(f"| [{s}, {e}) | {_number(detail.get('tokens'))} | {_number(detail.get('relative_residual'))} | "
+                         f"{_number(detail.get('relative_residual_dropping'))} |")
         lines.append("")
     return lines
 
@@ -150,7 +149,7 @@ def _evaluation_section(metrics: dict[str, Any] | None, evaluation: dict[str, An
                         ""]
     where = f" on `{_display(str(evaluation['uri']))}` ({evaluation.get('rows', '?')} texts, digest " \
             f"`{evaluation.get('digest', '?')}`)" if evaluation else ""
-    lines += [f"Perplexity measured by replaceme{where}, {metrics.get('eval_tokens', '?'):,} tokens:", "",
+    lines += [f"Perplexity measured by replaceme{where}, {_number(metrics.get('eval_tokens'))} tokens:", "",
               "| model | perplexity |", "| --- | --- |",
               f"| source | {metrics['perplexity_before']:.4f} |", f"| this model | {metrics['perplexity_after']:.4f} |",
               "", f"Retention (source perplexity / this model's): {metrics['retention']:.4f}.", ""]
@@ -190,6 +189,13 @@ def demote_headings(text: str, levels: int) -> str:
             line = _HEADING.sub(lambda m: "#" * min(6, len(m.group(1)) + levels), line)
         out.append(line)
     return "\n".join(out)
+
+
+def _number(value: Any) -> str:
+    """An int with thousands separators, a float to four significant digits, else "not recorded"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "not recorded"
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _display(location: str) -> str:

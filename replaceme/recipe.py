@@ -877,10 +877,16 @@ def _resolve_model_path(config: ReplaceMeConfig) -> str:
 
     token = config.token.get_secret_value() if config.token else None
     try:
-        return snapshot_download(path, token=token, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(path, token=token, allow_patterns=HUB_FILES)
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one message naming the field
         raise ReplaceMeError(f"model_path: {path} is not a local folder and could not be fetched from the "
                              f"Hugging Face Hub ({type(exc).__name__}); check the path or your access") from None
+
+
+# what a run fetches of a Hub model: weights, configs, tokenizer, chat template, and the card and
+# licence files the pruned model's card quotes and its folder keeps
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*",
+             "LICENCE*", "NOTICE*", "USE_POLICY*"]
 
 
 def _looks_like_repo_id(path: str) -> bool:

@@ -196,3 +196,30 @@ def test_push_to_hub_without_a_token_is_one_line_from_the_command_line(tmp_path,
 def test_bad_output_settings_name_the_field(tmp_path, output, message):
     with pytest.raises(ReplaceMeError, match=message.replace("(", r"\(").replace("?", r"\?").replace(".", r"\.")):
         validate_config({"model_path": "org/model", "dataset": "data.jsonl", "output": output})
+
+
+def test_push_to_hub_with_save_transform_only_is_refused(tmp_path):
+    from replaceme.hub import hub_token
+
+    config = validate_config(settings("org/model", tmp_path / "out", token=SECRET, save_transform_only=True,
+                                      output={"push_to_hub": "my-org/x"}))
+    with pytest.raises(ReplaceMeError, match=r"^output\.push_to_hub: my-org/x would get no model: save_transform_only"):
+        hub_token(config)
+
+
+def test_a_failed_upload_says_the_outputs_are_complete_and_never_shows_the_token(tmp_path, monkeypatch):
+    from replaceme.hub import push_model
+
+    class FailingHub(RecordingHub):
+        def upload_folder(self, **options):
+            raise OSError(f"403 Forbidden for token {SECRET}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingHub)
+    (tmp_path / "out" / "model").mkdir(parents=True)
+    config = validate_config(settings("org/model", tmp_path / "out", output={"push_to_hub": "my-org/x"}))
+    with pytest.raises(ReplaceMeError) as failed:
+        push_model(config, SECRET)
+    message = str(failed.value)
+    assert message.startswith(f"output.push_to_hub: the run is complete in {tmp_path / 'out'}, but uploading")
+    assert "403 Forbidden" in message and SECRET not in message
+    assert f"hf upload my-org/x {tmp_path / 'out' / 'model'}" in message
