@@ -21,6 +21,7 @@ COLUMNS = {
     "retention": ("metric", "retention"),
     "seconds": ("metric", "seconds/total"),
 }
+DROPPING = "_dropping"  # suffix of the residuals of plain dropping (``replaceme log`` writes both)
 HIGHER_IS_BETTER = {"retention", "removed"}  # other columns sort lowest first (perplexity, residuals, time)
 
 
@@ -41,6 +42,9 @@ def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] =
         raise ReplaceMeError(f"--experiment: no experiment {experiment!r} in {redact_uri(tracking_uri)}; "
                              f"experiments there: {', '.join(names) or 'none'}")
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=max_runs)
+    # a solver metric's plain-dropping counterpart comes along: the baseline of its plot
+    metrics = [*metrics, *(f"{m}{DROPPING}" for m in metrics
+                           if m.startswith("solver/") and not m.endswith(DROPPING) and f"{m}{DROPPING}" not in metrics)]
     table = pd.DataFrame([_row(run, metrics) for run in runs], columns=[*COLUMNS, *metrics])
     if sort not in table.columns:
         raise ReplaceMeError(f"--sort: {sort!r} is not a column; choose one of {', '.join(table.columns)}")
@@ -77,4 +81,31 @@ def plot_comparison(table, metric: str) -> bytes:
     if metric not in table.columns:
         raise ReplaceMeError(f"--plot-metric: {metric!r} is not a column; choose one of {', '.join(table.columns)}")
     shown = table.dropna(subset=["removed", metric])
-    return plot_runs(list(shown["run"]), list(shown["removed"]), list(shown[metric]), metric)
+    column = f"{metric}{DROPPING}"
+    baseline = [None if _missing(v) else float(v) for v in shown[column]] if column in shown.columns else None
+    return plot_runs(run_labels(shown), list(shown["removed"]), list(shown[metric]), metric, baseline)
+
+
+def run_labels(table) -> list[str]:
+    """A distinct legend label per row: the run name, with what tells runs of the same name apart
+    (method, alpha, blocks), and a number when even those agree."""
+    rows = table.to_dict("records")
+    names = [str(row["run"]) if not _missing(row["run"]) else f"run {i + 1}" for i, row in enumerate(rows)]
+    labels = []
+    for name, row in zip(names, rows, strict=True):
+        if names.count(name) > 1:
+            details = [f"{key} {row[key]:g}" if isinstance(row[key], float) else f"{key} {row[key]}"
+                       for key in ("method", "alpha", "blocks") if not _missing(row[key])]
+            name = f"{name} ({', '.join(details)})" if details else name
+        labels.append(name)
+    counts = {label: labels.count(label) for label in labels}
+    seen: dict[str, int] = {}
+    for i, label in enumerate(list(labels)):
+        seen[label] = seen.get(label, 0) + 1
+        if counts[label] > 1:
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN

@@ -32,6 +32,7 @@ from replaceme.errors import ReplaceMeError
 from replaceme.memory import parse_size
 
 Block = tuple[int, int]
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class _Strict(BaseModel):
@@ -122,6 +123,44 @@ class MlflowConfig(_Strict):
                             "false registers the output folder's model/ by reference (for 100 GB checkpoints)")
 
 
+class OutputConfig(_Strict):
+    """How the pruned checkpoint in ``model/`` is laid out, and where it is published."""
+
+    shard_size: str | int = Field(default="5GB", description="largest output shard, as save_pretrained's "
+                                  "max_shard_size (e.g. 5GB, 500MB); one tensor larger than it gets a shard of its own")
+    dtype: Literal["source", "bfloat16", "float16", "float32"] = Field(
+        default="source", description="floating-point dtype of the output weights; source: each tensor's own")
+    push_to_hub: str | None = Field(
+        default=None, description="Hugging Face repo id (org/name) that `replaceme run` uploads model/ to once the run is published")
+    private: bool = Field(default=True, description="create the Hub repo as private (nothing is made public unasked)")
+    revision: str | None = Field(default=None, min_length=1, description="branch to upload to (created if missing); "
+                                 "null: the repo's default branch")
+    base_model: str | None = Field(
+        default=None, description="Hub repo id the card names as base_model; default: model_path when it is a Hub repo id")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError("is not a size; write e.g. 5GB or 500MB (as save_pretrained's max_shard_size)")
+        try:
+            parse_size(value, field="output.shard_size")
+        except ReplaceMeError:
+            raise ValueError("must be a positive size, e.g. 5GB or 500MB (as save_pretrained's max_shard_size)") from None
+        return value
+
+    @field_validator("push_to_hub", "base_model")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and not HUB_REPO_ID.fullmatch(value):
+            raise ValueError("must be a Hugging Face repo id, org/name (letters, digits, '-', '_', '.')")
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size, field="output.shard_size")
+
+
 class ReplaceMeConfig(_Strict):
     # --- reference keys --------------------------------------------------------------------
     method: Literal["lstsq", "cosine"] = "lstsq"
@@ -171,6 +210,7 @@ class ReplaceMeConfig(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     activations: ActivationsConfig = Field(default_factory=ActivationsConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     run_id: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",

@@ -59,7 +59,9 @@ SETTINGS: dict[str, Callable[[ReplaceMeConfig, str], dict[str, Any]]] = {
     {**_pick(c, (*_DATA, *_SELECTION)), "compute_dtype": dtype},
     "calibrate": _calibrate_settings,
     "solve": lambda c, dtype: c.solver_settings(),  # another alpha or estimator: re-solve, no model run
-    "merge": lambda c, dtype: {},
+    # the layout of model/ and what its card names (the card's metrics come with evaluate)
+    "merge": lambda c, dtype: {"shard_size": c.output.shard_bytes, "dtype": c.output.dtype,
+                               "base_model": c.output.base_model},
     # (where the source perplexity is cached shapes nothing: eval.cache is left out)
     "evaluate": lambda c, dtype: {"eval": c.eval.model_dump(exclude={"cache"}) if c.eval else None,
                                   "compute_dtype": c.compute_dtype},

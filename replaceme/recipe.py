@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from replaceme import __version__, evalcache, lineage, markers, peak_memory
+from replaceme import __version__, card, evalcache, hub, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import (
     check_blocks,
@@ -452,7 +452,7 @@ def required_blocks(out: OutputDir) -> list[Block]:
 def merge(ctx: Context, out: OutputDir) -> None:
     """Fold the saved maps into a pruned copy of the source checkpoint under ``model/``."""
     transforms = load_transforms(out)
-    e = ctx.config.engine
+    e, o = ctx.config.engine, ctx.config.output
     # The markers decide when model/ is stale; replacing it is always allowed here.
     with ctx.timed("merge"), out.staged("model") as staging:
         if e.backend == "ray" and e.merge_workers > 1:
@@ -462,9 +462,33 @@ def merge(ctx: Context, out: OutputDir) -> None:
             connect(e.address)
             merge_on_ray(ctx.model_uri, transforms, out.fs.unstrip_protocol(staging), workers=e.merge_workers,
                          endpoint_url=ctx.config.storage.endpoint_url, storage_options=ctx.config.storage.options,
-                         max_retries=e.max_retries, allow_pickle=ctx.config.allow_pickle, progress=ctx.progress)
+                         max_retries=e.max_retries, allow_pickle=ctx.config.allow_pickle, progress=ctx.progress,
+                         shard_size=o.shard_bytes, dtype=o.dtype)
         else:
-            merge_checkpoint(ctx.checkpoint, transforms, out.fs, staging, progress=ctx.progress)
+            merge_checkpoint(ctx.checkpoint, transforms, out.fs, staging, progress=ctx.progress,
+                             shard_size=o.shard_bytes, dtype=o.dtype)
+        write_card(ctx, out, staging)
+
+
+def write_card(ctx: Context, out: OutputDir, folder: str | None = None, metrics: dict[str, Any] | None = None) -> None:
+    """``model/README.md`` (or ``README.md`` in ``folder``, the merge's staging folder): our model card,
+    from the blocks, the maps' residuals, the calibration record and, when ``metrics`` are given, what
+    evaluate measured (a card never states a number that was not measured on this model)."""
+    blocks = required_blocks(out)
+    calibration = (markers.read_marker(out, "calibrate") or {}).get("calibration")
+    solver = json.loads(out.read_text(SOLVER_DETAILS))["blocks"] if out.exists(SOLVER_DETAILS) else None
+    readme = next((name for name in ctx.checkpoint.files() if name.lower() == "readme.md"), None)
+    source_card = ctx.checkpoint.read_text(readme) if readme else None
+    evaluation = None
+    if metrics and ctx.config.eval is not None and ctx.eval_texts is not None:
+        evaluation = lineage.dataset_identity(ctx.config.eval.dataset, ctx.eval_texts)
+    text = card.render_card(ctx.config, num_layers=ctx.num_layers, blocks=blocks, source_uri=ctx.model_uri,
+                            source_card=source_card, calibration=calibration, solver=solver, metrics=metrics,
+                            evaluation=evaluation, command=card.command_line())
+    if folder is None:
+        out.write_text(f"model/{card.CARD_FILE}", text)
+    else:
+        out.fs.pipe_file(f"{folder}/{card.CARD_FILE}", text.encode())
 
 
 def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
@@ -685,6 +709,7 @@ def _evaluate_step(job: StepRunner) -> dict[str, Any]:
         ctx.require("texts")  # report reads the calibration set, checked before the model passes
     metrics = evaluate(ctx, out)
     write_report(ctx, out, metrics)
+    write_card(ctx, out, metrics=metrics)  # the card now states what was measured (or that nothing was)
     return {"metrics": metrics, "artefacts": artefact_uris(out, "report.json")}
 
 
@@ -848,6 +873,7 @@ def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[st
     options = config.storage_options(config.output_dir)
     announce = on_step or (lambda step: None)
     steps = ["profile", "calibrate", "solve"] + ([] if config.save_transform_only else ["merge", "evaluate"])
+    token = hub.hub_token(config) if config.output.push_to_hub else None  # refused before any work
     with locked(config.output_dir, storage_options=options):  # first: a second run fails at once
         ctx = Context(config, progress=progress)
         used = {name for step in steps for name in STEPS[step].uses(config)}
@@ -856,11 +882,15 @@ def run(config: ReplaceMeConfig, *, progress: bool = True, on_step: Callable[[st
         try:
             with staged_output(config.output_dir, overwrite=config.overwrite, inputs=ctx.input_paths(),
                                storage_options=options) as out:
-                return _run_steps(ctx, out, steps, announce)
+                report = _run_steps(ctx, out, steps, announce)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # don't leave the disk full
                 discard_staging(config.output_dir, options)
             raise
+        if token is not None:  # published and complete: upload model/ with its card
+            announce("push")
+            hub.push_model(config, token)
+        return report
 
 
 def _run_steps(ctx: Context, out: OutputDir, steps: list[str], announce: Callable[[str], None]) -> dict[str, Any]:
@@ -900,10 +930,16 @@ def _resolve_model_path(config: ReplaceMeConfig) -> str:
 
     token = config.token.get_secret_value() if config.token else None
     try:
-        return snapshot_download(path, token=token, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(path, token=token, allow_patterns=HUB_FILES)
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo: one message naming the field
         raise ReplaceMeError(f"model_path: {path} is not a local folder and could not be fetched from the "
                              f"Hugging Face Hub ({type(exc).__name__}); check the path or your access") from None
+
+
+# what a run fetches of a Hub model: weights, configs, tokenizer, chat template, and the card and
+# licence files the pruned model's card quotes and its folder keeps
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICENSE*",
+             "LICENCE*", "NOTICE*", "USE_POLICY*"]
 
 
 def _looks_like_repo_id(path: str) -> bool:

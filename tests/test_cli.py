@@ -39,6 +39,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert (out / "distances.csv").read_text().startswith("start,end,angular_distance")
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 12
+    card = (out / "model" / "README.md").read_text()  # our card, with what this run measured
+    assert "tags:\n- replaceme\n- depth-pruning" in card and "16 → 12" in card
+    assert f"| this model | {report['perplexity_after']:.4f} |" in card
+    assert f"python -m replaceme run --config examples/quickstart.yaml --set output_dir={out} --quiet" in card
+    assert not (out / "model" / "TRAINING.json").exists()  # the bundled model's own notes stay with it
     assert not list(tmp_path.glob("*.incomplete"))
     # the bundled model is never written to
     assert not any(p.name.startswith(".") or p.name.endswith(".incomplete") for p in BUNDLED_MODEL.iterdir())

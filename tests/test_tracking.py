@@ -164,6 +164,7 @@ def test_compare_lists_runs_and_plots(finished_output, mlflow_server, tmp_path, 
                      "--plot", str(plot)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["run", "method", "alpha", "blocks"]
+    assert lines[0].split()[-2:] == ["solver/relative_residual", "solver/relative_residual_dropping"]  # the baseline
     # alpha 0 is the least-squares optimum of the calibration residual: it sorts first
     assert [line.split()[0] for line in lines[1:3]] == ["alpha-0", "alpha-2"] and lines[3].startswith("plot")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

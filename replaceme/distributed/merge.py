@@ -58,12 +58,13 @@ class _Where:
 def merge_on_ray(source_uri: str, transforms: dict[Block, torch.Tensor], out_uri: str, *, workers: int,
                  endpoint_url: str | None = None, storage_options: dict[str, Any] | None = None,
                  cpus_per_worker: float = 1.0, timeout_s: float = 600.0, max_retries: int = 3,
-                 allow_pickle: bool = False, progress: bool = True,
-                 on_shard: Callable[[ShardReport], None] | None = None) -> dict:
+                 allow_pickle: bool = False, progress: bool = True, shard_size: int | None = None,
+                 dtype: str = "source", on_shard: Callable[[ShardReport], None] | None = None) -> dict:
     """Write the pruned model into ``out_uri`` with at most ``workers`` Ray tasks in flight, on the
     cluster this process is connected to (:func:`replaceme.distributed.cluster.connect`).
 
-    Gives the same files as :func:`replaceme.merge.merge_checkpoint`. ``timeout_s`` bounds the wait
+    Gives the same files as :func:`replaceme.merge.merge_checkpoint` with the same ``shard_size`` and
+    ``dtype`` (the driver plans the shards; each task writes one, casting as planned). ``timeout_s`` bounds the wait
     for the next shard to finish: a cluster that cannot run the tasks fails instead of hanging.
     ``on_shard`` sees each finished shard's report. Returns the new config.
     """
@@ -75,7 +76,7 @@ def merge_on_ray(source_uri: str, transforms: dict[Block, torch.Tensor], out_uri
     out_fs, out_root = filesystem(out_uri, field="output_dir", endpoint_url=endpoint_url, options=storage_options)
     out_fs.makedirs(out_root, exist_ok=True)
     with Checkpoint(source_uri, storage_options=source_options, allow_pickle=allow_pickle) as source:
-        plan = plan_merge(source, transforms)
+        plan = plan_merge(source, transforms, shard_size=shard_size, dtype=dtype)
         # Full URIs (file:///abs/… for local paths): a worker's working directory is not the driver's.
         where = _Where(source.fs.unstrip_protocol(source.root), source_options, allow_pickle,
                        out_fs.unstrip_protocol(out_root), out_options, plan.family)
