@@ -118,8 +118,19 @@ class MlflowConfig(_Strict):
     run_name: str | None = None
     register_as: str | None = Field(default=None, min_length=1,
                                     description="registered model name; each run adds a new version")
-    log_model: bool = Field(default=True, description="copy the pruned model into the run's artifacts; "
-                            "false registers the output folder's model/ by reference (for 100 GB checkpoints)")
+    log_model: bool | Literal["auto", "transformers", "files", "reference"] = Field(
+        default="auto", description="how the pruned model is logged: transformers: MLflow's transformers flavour "
+        "(mlflow.pyfunc / mlflow.transformers.load_model give a text-generation pipeline; the model is loaded once "
+        "in host memory to write it); files: the checkpoint's files as they are, not loadable by pyfunc; reference "
+        "(or false): nothing copied, register_as points at the output folder's model/ (100 GB checkpoints); auto "
+        "(or true): transformers when the checkpoint fits in half the free host memory, else files")
+
+    @property
+    def model_logging(self) -> str:
+        """``log_model`` with the booleans resolved: auto, transformers, files or reference."""
+        if isinstance(self.log_model, bool):
+            return "auto" if self.log_model else "reference"
+        return self.log_model
 
 
 class ReplaceMeConfig(_Strict):
