@@ -47,7 +47,13 @@ class EvalConfig(_Strict):
     dataset_size: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1, description="defaults to the top-level batch_size")
     max_length: int | None = Field(default=None, ge=2, description="defaults to the top-level max_length")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names, run when lm-eval is installed")
+    lm_eval_tasks: list[str] | dict[str, int | None] = Field(
+        default_factory=list, description="lm-eval tasks on the pruned model (pip install 'replaceme[eval]'): a list of "
+        "names, or a mapping task -> few-shot count like the reference's `tasks:` (null: the task's default)")
+    lm_eval_limit: float | None = Field(
+        default=None, gt=0, description="lm-eval examples per task (a fraction below 1: that share); null: all")
+    lm_eval_include_path: str | None = Field(
+        default=None, description="a folder of lm-eval task YAML files of your own (e.g. over local data files)")
     cache: bool | str = Field(
         default=True, description="where the source model's perplexity is cached: true: $REPLACEME_CACHE, else "
         "~/.cache/replaceme; a folder or URI (s3://…); false: not cached")
