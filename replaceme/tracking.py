@@ -182,14 +182,20 @@ class _Recorder:
             self._log_model(run_id, model_id)
         except BaseException:
             if model_id is not None:
-                from mlflow.entities import LoggedModelStatus
-
-                self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+                self._model_failed(model_id)
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
         log.info("mlflow: recorded run %s in experiment %r", run_id, self.settings.experiment)
         return run_id
+
+    def _model_failed(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelStatus
+
+        try:
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        except Exception as exc:  # noqa: BLE001 - the error that failed the run is the one to report
+            log.warning("mlflow: could not mark logged model %s as failed (%s)", model_id, exc)
 
     # --- run and identity ---------------------------------------------------------------------
 
@@ -414,7 +420,13 @@ def save_transformers_model(folder: str, path: str, *, model_id: str | None = No
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a recording step, not the user's work: no bars
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     pipeline = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
     card = Path(folder, "README.md")
