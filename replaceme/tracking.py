@@ -305,7 +305,7 @@ class _Recorder:
                 if self._model_format(folder) == "transformers":
                     with tempfile.TemporaryDirectory() as staging:
                         save_transformers_model(folder, os.path.join(staging, "model"), model_id=model_id,
-                                                run_id=run_id)
+                                                run_id=run_id, source_model=self._model_tags()["source_model"])
                         self.client.log_model_artifacts(model_id, os.path.join(staging, "model"))
                 else:
                     self.client.log_model_artifacts(model_id, folder)
@@ -409,10 +409,29 @@ def _metric_name(name: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", name)
 
 
-def save_transformers_model(folder: str, path: str, *, model_id: str | None = None, run_id: str | None = None) -> None:
+def save_transformers_model(folder: str, path: str, *, model_id: str | None = None, run_id: str | None = None,
+                            source_model: str | None = None) -> None:
     """The checkpoint in ``folder`` as an MLflow model of the transformers flavour at ``path``: a
     ``text-generation`` pipeline that ``mlflow.transformers.load_model`` and ``mlflow.pyfunc.load_model``
     load. The model is loaded in host memory once to be written."""
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a recording step, not the user's work: no bars
+    try:
+        _save_pipeline(folder, path, model_id, run_id)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    # MLflow's LICENSE.txt sends the reader to huggingface.co/<the local folder>: say whose licence applies
+    licences = sorted(f.name for f in Path(folder).iterdir() if f.name.upper().startswith(("LICENSE", "LICENCE")))
+    Path(path, "LICENSE.txt").write_text(
+        f"Depth-pruned from {source_model or 'its source model'} with ReplaceMe: the source model's licence applies"
+        + (f" (copied with the checkpoint: model/{', model/'.join(licences)}).\n" if licences else
+           "; see the source model's repository or model card.\n"))
+
+
+def _save_pipeline(folder: str, path: str, model_id: str | None, run_id: str | None) -> None:
     import mlflow
     import torch
     import transformers
@@ -420,13 +439,7 @@ def save_transformers_model(folder: str, path: str, *, model_id: str | None = No
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a recording step, not the user's work: no bars
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     pipeline = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
     card = Path(folder, "README.md")
