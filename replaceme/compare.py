@@ -23,6 +23,14 @@ COLUMNS = {
 }
 DROPPING = "_dropping"  # suffix of the residuals of plain dropping (``replaceme log`` writes both)
 HIGHER_IS_BETTER = {"retention", "removed"}  # other columns sort lowest first (perplexity, residuals, time)
+LM_EVAL = "lm_eval/"  # lm-eval task metrics (``lm_eval/<task>/<metric>``): a column each, after the others
+LM_EVAL_LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "stderr")
+
+
+def higher_is_better(column: str) -> bool:
+    if column.startswith(LM_EVAL):  # accuracy, exact match, F1 …; perplexities and errors the other way
+        return not any(word in column for word in LM_EVAL_LOWER_IS_BETTER)
+    return column in HIGHER_IS_BETTER
 
 
 def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] = (), sort: str = "retention",
@@ -45,10 +53,13 @@ def compare_runs(tracking_uri: str, experiment: str, *, metrics: Sequence[str] =
     # a solver metric's plain-dropping counterpart comes along: the baseline of its plot
     metrics = [*metrics, *(f"{m}{DROPPING}" for m in metrics
                            if m.startswith("solver/") and not m.endswith(DROPPING) and f"{m}{DROPPING}" not in metrics)]
-    table = pd.DataFrame([_row(run, metrics) for run in runs], columns=[*COLUMNS, *metrics])
+    lm_eval = sorted({key for run in runs for key in run.data.metrics
+                      if key.startswith(LM_EVAL) and "stderr" not in key and key not in metrics})
+    shown = [*metrics, *lm_eval]
+    table = pd.DataFrame([_row(run, shown) for run in runs], columns=[*COLUMNS, *shown])
     if sort not in table.columns:
         raise ReplaceMeError(f"--sort: {sort!r} is not a column; choose one of {', '.join(table.columns)}")
-    return table.sort_values(sort, ascending=sort not in HIGHER_IS_BETTER, na_position="last", ignore_index=True)
+    return table.sort_values(sort, ascending=not higher_is_better(sort), na_position="last", ignore_index=True)
 
 
 def _require_store(tracking_uri: str, field: str) -> None:

@@ -48,7 +48,13 @@ class EvalConfig(_Strict):
     dataset_size: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1, description="defaults to the top-level batch_size")
     max_length: int | None = Field(default=None, ge=2, description="defaults to the top-level max_length")
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names, run when lm-eval is installed")
+    lm_eval_tasks: list[str] | dict[str, int | None] = Field(
+        default_factory=list, description="lm-eval tasks on the pruned model (pip install 'replaceme[eval]'): a list of "
+        "names, or a mapping task -> few-shot count like the reference's `tasks:` (null: the task's default)")
+    lm_eval_limit: float | None = Field(
+        default=None, gt=0, description="lm-eval examples per task (a fraction below 1: that share); null: all")
+    lm_eval_include_path: str | None = Field(
+        default=None, description="a folder of lm-eval task YAML files of your own (e.g. over local data files)")
     cache: bool | str = Field(
         default=True, description="where the source model's perplexity is cached: true: $REPLACEME_CACHE, else "
         "~/.cache/replaceme; a folder or URI (s3://…); false: not cached")
@@ -119,8 +125,19 @@ class MlflowConfig(_Strict):
     run_name: str | None = None
     register_as: str | None = Field(default=None, min_length=1,
                                     description="registered model name; each run adds a new version")
-    log_model: bool = Field(default=True, description="copy the pruned model into the run's artifacts; "
-                            "false registers the output folder's model/ by reference (for 100 GB checkpoints)")
+    log_model: bool | Literal["auto", "transformers", "files", "reference"] = Field(
+        default="auto", description="how the pruned model is logged: transformers: MLflow's transformers flavour "
+        "(mlflow.pyfunc / mlflow.transformers.load_model give a text-generation pipeline; the model is loaded once "
+        "in host memory to write it); files: the checkpoint's files as they are, not loadable by pyfunc; reference "
+        "(or false): nothing copied, register_as points at the output folder's model/ (100 GB checkpoints); auto "
+        "(or true): transformers when the checkpoint fits in half the free host memory, else files")
+
+    @property
+    def model_logging(self) -> str:
+        """``log_model`` with the booleans resolved: auto, transformers, files or reference."""
+        if isinstance(self.log_model, bool):
+            return "auto" if self.log_model else "reference"
+        return self.log_model
 
 
 class OutputConfig(_Strict):

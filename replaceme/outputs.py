@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -376,3 +377,19 @@ def _is_completion_marker(name: str) -> bool:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def local_path(out: OutputDir, name: str) -> Iterator[str]:
+    """The file or folder ``name`` of the output folder as a local path of the same name: the
+    output's own when it is local (no copy of maps or checkpoints), else a download."""
+    if isinstance(out.fs, LocalFileSystem):
+        yield out.path(name)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = os.path.join(folder, name)
+        if out.fs.isdir(out.path(name)):  # trailing slashes: copy the folder's contents into local/
+            out.fs.get(out.path(name) + "/", local + "/", recursive=True)
+        else:
+            out.fs.get(out.path(name), local)
+        yield local

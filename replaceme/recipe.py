@@ -49,8 +49,18 @@ from replaceme.engine import Activations, BlockCapture, CalibrationEngine, Local
 from replaceme.errors import ReplaceMeError
 from replaceme.families import check_estimator, family_for
 from replaceme.layerwise import LayerwiseModel, resolve_device, resolve_dtype
+from replaceme.memory import free_bytes, gib
 from replaceme.merge import kept_layers, merge_checkpoint
-from replaceme.outputs import OWNER_FILE, OutputDir, claim_in_place, discard_staging, is_inside, locked, staged_output
+from replaceme.outputs import (
+    OWNER_FILE,
+    OutputDir,
+    claim_in_place,
+    discard_staging,
+    is_inside,
+    local_path,
+    locked,
+    staged_output,
+)
 from replaceme.plots import plot_distances
 from replaceme.selection import Ranking, stream_residuals
 from replaceme.solvers import mean_cosine_distance, solve_cosine, solve_cosine_streaming, solve_lstsq
@@ -62,6 +72,7 @@ Block = tuple[int, int]
 SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current maps, for report.json
 PROFILED_STATISTICS = "profile"  # the selected blocks' statistics, gathered by the profile pass
 SELECTION = "selection.json"  # the criterion that chose the blocks, and what each criterion would choose
+LM_EVAL_HEADROOM = 1.2  # lm-eval holds the model and its batches: the weights plus a fifth
 
 
 class Context:
@@ -119,7 +130,30 @@ class Context:
                            tokenizer=self.tokenizer, field="eval.dataset", storage_options=self.config.storage_options(e.dataset))
         if e.lm_eval_tasks:
             _require_lm_eval()
+            self._check_lm_eval_fits()
         return texts
+
+    def _check_lm_eval_fits(self) -> None:
+        """lm-eval loads the whole pruned model on one device of this process (the perplexity here runs
+        layer by layer and fits any model): refuse before any work when it cannot fit."""
+        entries = self.checkpoint.entries
+        if not entries:
+            return  # a checkpoint of pickles: no sizes to read without loading it
+        total = sum(entry.nbytes for entry in entries.values())
+        layers = sum(entry.nbytes for name, entry in entries.items() if name.startswith("model.layers."))
+        c = self.config
+        removed = sum(e - s for s, e in self.blocks) if self.blocks else c.layers_to_skip * c.num_A
+        weights = total - layers * removed // self.num_layers
+        needed = int(weights * LM_EVAL_HEADROOM)
+        free = free_bytes(self.device)
+        if needed > free:
+            raise ReplaceMeError(
+                f"eval.lm_eval_tasks: lm-eval loads the whole pruned model on one device, about {gib(weights)} of "
+                f"weights ({gib(needed)} with activations), and {self.device} has {gib(free)} free; this run's "
+                "perplexity runs layer by layer and fits, lm-eval does not. Remove eval.lm_eval_tasks and run "
+                "lm-eval on a machine that holds the model: lm_eval --model hf --model_args "
+                f"pretrained={c.output_dir}/model --tasks {','.join(c.eval.lm_eval_tasks if c.eval else [])} "
+                "(lm-eval on the Ray cluster is not built)")
 
     @cached_property
     def eval_cache(self) -> evalcache.PerplexityCache | None:
@@ -520,16 +554,38 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
                          cache.entry_uri(key) if cache is not None and key else "the cache")
     metrics: dict[str, Any] = {"perplexity_before": before, "perplexity_before_cached": cached is not None,
                                "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
-    if ctx.config.eval is not None and ctx.config.eval.lm_eval_tasks:
-        metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
+    e = ctx.config.eval
+    if e is not None and e.lm_eval_tasks:
+        with ctx.timed("lm_eval"), local_path(out, "model") as folder:
+            metrics["lm_eval"] = run_lm_eval(folder, e.lm_eval_tasks, ctx.device, limit=e.lm_eval_limit,
+                                             include_path=e.lm_eval_include_path)
     return metrics
 
 
-def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device) -> dict[str, Any]:
-    """lm-evaluation-harness tasks on the pruned model (its datasets come from the Hub)."""
-    results = _require_lm_eval().simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks),
-                                      device=str(device))
-    return results["results"]
+def run_lm_eval(model_dir: str, tasks: list[str] | dict[str, int | None], device: torch.device, *,
+                limit: float | None = None, include_path: str | None = None) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the pruned model, lm-eval's ``results`` by task.
+
+    ``tasks`` is a list of names or a mapping task -> few-shot count (None: the task's default);
+    tasks with the same count run together. The tasks' data come from the Hub unless they are
+    defined over local files in ``include_path``.
+    """
+    lm_eval = _require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    shots: dict[str, int | None] = dict(tasks) if isinstance(tasks, dict) else dict.fromkeys(tasks)
+    by_shots: dict[int | None, list[str]] = {}
+    for task, count in shots.items():
+        by_shots.setdefault(count, []).append(task)
+    manager = TaskManager(include_path=include_path)
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval reads a float as a share of the examples
+    results: dict[str, Any] = {}
+    for count, names in by_shots.items():
+        found = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=names,
+                                        num_fewshot=count, limit=limit, device=str(device), task_manager=manager)
+        results.update(found["results"])
+    return results
 
 
 def _require_lm_eval():

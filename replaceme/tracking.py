@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 from replaceme.blocks import distances_from_csv, residuals_from_csv
 from replaceme.config import MlflowConfig, ReplaceMeConfig, redact_uri, without_credentials
 from replaceme.errors import ReplaceMeError
-from replaceme.outputs import OutputDir
+from replaceme.outputs import OutputDir, local_path
 
 log = logging.getLogger("replaceme")
 
@@ -171,18 +172,30 @@ class _Recorder:
             return existing
         run = self.client.create_run(experiment_id, run_name=self.settings.run_name or self._default_name(),
                                      tags=self._tags())
-        run_id = run.info.run_id
+        run_id, model_id = run.info.run_id, None
         try:
-            self._log_data(run_id)
+            # the logged model first: the evaluation metrics are linked to it (MLflow's Logged Models view)
+            model_id = self._create_model(experiment_id, run_id)
+            self._log_data(run_id, model_id)
             self._log_inputs(run_id)
             self._log_artifacts(run_id)
-            self._log_model(experiment_id, run_id)
+            self._log_model(run_id, model_id)
         except BaseException:
+            if model_id is not None:
+                self._model_failed(model_id)
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
         log.info("mlflow: recorded run %s in experiment %r", run_id, self.settings.experiment)
         return run_id
+
+    def _model_failed(self, model_id: str) -> None:
+        from mlflow.entities import LoggedModelStatus
+
+        try:
+            self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        except Exception as exc:  # noqa: BLE001 - the error that failed the run is the one to report
+            log.warning("mlflow: could not mark logged model %s as failed (%s)", model_id, exc)
 
     # --- run and identity ---------------------------------------------------------------------
 
@@ -193,9 +206,7 @@ class _Recorder:
         return runs[0].info.run_id if runs else None
 
     def _default_name(self) -> str:
-        r = self.report
-        model = r["source_model"].rstrip("/").rsplit("/", 1)[-1]
-        return f"{model}-{r['method']}-minus{r['removed_layers']}"
+        return default_run_name(self.report, self.digest)
 
     def _tags(self) -> dict[str, str]:
         r, lineage = self.report, self.report.get("lineage", {})
@@ -219,12 +230,20 @@ class _Recorder:
 
     # --- params and metrics ---------------------------------------------------------------------
 
-    def _log_data(self, run_id: str) -> None:
+    def _log_data(self, run_id: str, model_id: str | None) -> None:
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         params = [Param(key, _param_value(value)) for key, value in _flatten(self.report["config"])]
-        metrics = [Metric(key, float(value), now, step) for key, value, step in self._metrics()]
+        evaluation = self.report.get("lineage", {}).get("datasets", {}).get("evaluation")
+        metrics = []
+        for key, value, step in self._metrics():
+            linked: dict[str, Any] = {}
+            if model_id is not None and _describes_model(key):
+                linked["model_id"] = model_id
+                if evaluation is not None and key in EVALUATION_METRICS:
+                    linked.update(dataset_name="evaluation", dataset_digest=evaluation["digest"])
+            metrics.append(Metric(key, float(value), now, step, **linked))
         for start in range(0, max(len(params), len(metrics)), 100):  # MLflow's per-request limits
             self.client.log_batch(run_id, metrics=metrics[start:start + 100], params=params[start:start + 100])
 
@@ -250,6 +269,8 @@ class _Recorder:
                 yield "distance", distance, start
             for (start, _end), residual in (residuals_from_csv(text, self.out.uri) or {}).items():
                 yield "residual", residual, start
+        for key, value in lm_eval_metrics(r.get("lm_eval") or {}).items():
+            yield key, value, 0
 
     # --- inputs, artifacts, model ------------------------------------------------------------------
 
@@ -265,22 +286,32 @@ class _Recorder:
     def _log_artifacts(self, run_id: str) -> None:
         for name in ARTIFACTS:
             if self.out.exists(name):
-                with _local_path(self.out, name) as path:
+                with local_path(self.out, name) as path:
                     self.client.log_artifact(run_id, path)
 
-    def _log_model(self, experiment_id: str, run_id: str) -> None:
+    def _create_model(self, experiment_id: str, run_id: str) -> str | None:
+        """A logged model of the run, still PENDING, unless the model is registered by reference."""
+        if not self.out.exists("model") or self.settings.model_logging == "reference":
+            return None  # save_transform_only (maps, no pruned checkpoint), or nothing copied
+        model = self.client.create_logged_model(experiment_id, name="pruned-model", source_run_id=run_id,
+                                                tags=self._model_tags())
+        return model.model_id
+
+    def _log_model(self, run_id: str, model_id: str | None) -> None:
         if not self.out.exists("model"):
-            return  # save_transform_only: maps, no pruned checkpoint
+            return
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
         source = self.out.fs.unstrip_protocol(self.out.path("model"))
-        model_id = None
-        if self.settings.log_model:
-            model = self.client.create_logged_model(experiment_id, name="pruned-model", source_run_id=run_id,
-                                                    tags=self._model_tags())
-            model_id = model.model_id
-            with _local_path(self.out, "model") as folder:
-                self.client.log_model_artifacts(model_id, folder)
+        if model_id is not None:
+            with local_path(self.out, "model") as folder:
+                if self._model_format(folder) == "transformers":
+                    with tempfile.TemporaryDirectory() as staging:
+                        save_transformers_model(folder, os.path.join(staging, "model"), model_id=model_id,
+                                                run_id=run_id, source_model=self._model_tags()["source_model"])
+                        self.client.log_model_artifacts(model_id, os.path.join(staging, "model"))
+                else:
+                    self.client.log_model_artifacts(model_id, folder)
             self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
             self.client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step=0)])
             # its artifact location rather than models:/<id>, which MLflow's local registry store
@@ -288,6 +319,25 @@ class _Recorder:
             source = self.client.get_logged_model(model_id).artifact_location
         if self.settings.register_as:
             self._register(source, run_id, model_id)
+
+    def _model_format(self, folder: str) -> str:
+        """transformers or files (``mlflow.log_model``); auto: transformers when the model fits in memory."""
+        wanted = self.settings.model_logging
+        if wanted != "auto":
+            return wanted
+        import torch
+
+        from replaceme.memory import free_bytes, gib
+
+        size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+        room = free_bytes(torch.device("cpu"))
+        if size <= room // 2:
+            return "transformers"
+        log.warning("mlflow: the pruned model (%s) does not fit in half the free host memory (%s) to be written "
+                    "with MLflow's transformers flavour: its files are logged as they are, which mlflow.pyfunc "
+                    "cannot load (set mlflow.log_model: transformers to insist, reference to copy nothing)",
+                    gib(size), gib(room))
+        return "files"
 
     def _register(self, source: str, run_id: str, model_id: str | None) -> None:
         """A new version under ``register_as``; an existing name gains a version, nothing is replaced."""
@@ -310,6 +360,108 @@ class _Recorder:
                 "blocks": json.dumps(self.report["blocks"]), "method": self.report["method"]}
 
 
+# metrics that describe the pruned model (linked to its logged model), and those measured on the
+# evaluation dataset (linked to it as well)
+EVALUATION_METRICS = ("perplexity_before", "perplexity_after", "retention", "eval_tokens")
+MODEL_METRICS = (*EVALUATION_METRICS, "removed_layers", "removed_fraction")
+
+
+def _describes_model(key: str) -> bool:
+    return key in MODEL_METRICS or key.startswith("lm_eval/")
+
+
+def default_run_name(report: dict[str, Any], digest: str) -> str:
+    """``<model>-<method>-<blocks>[-alpha<α>]-<id>``: what differs between compressions of one model,
+    and a short id (of the report) that tells reruns of the same settings apart."""
+    model = report["source_model"].rstrip("/").rsplit("/", 1)[-1]
+    blocks = "+".join(f"{s}-{e}" for s, e in report["blocks"]) or "none"
+    parts = [model, report["method"], f"drop{blocks}"]
+    alpha = report.get("config", {}).get("alpha")
+    if report["method"] == "lstsq" and alpha is not None:
+        parts.append(f"alpha{alpha:g}")
+    return "-".join([*parts, digest[:6]])
+
+
+_LM_EVAL_NOT_METRICS = ("alias", "name", "sample_len", "samples")
+
+
+def lm_eval_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's ``results`` as MLflow metrics ``lm_eval/<task>/<metric>[/<filter>]``.
+
+    lm-eval keys metrics ``<metric>,<filter>`` (``acc,none``, ``exact_match,strict-match``); MLflow
+    refuses commas, and the ``none`` filter says nothing. Values that are not numbers (an
+    unavailable stderr is ``"N/A"``) are left out.
+    """
+    metrics: dict[str, float] = {}
+    for task, values in results.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if key in _LM_EVAL_NOT_METRICS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if value != value:  # NaN: an aggregate lm-eval could not compute
+                continue
+            metric, _, selection = key.partition(",")
+            name = "/".join(part for part in (task, metric, "" if selection == "none" else selection) if part)
+            metrics[f"lm_eval/{_metric_name(name)}"] = float(value)
+    return metrics
+
+
+def _metric_name(name: str) -> str:
+    """Only the characters MLflow accepts in a metric name (alphanumerics, _ - . space : /)."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
+def save_transformers_model(folder: str, path: str, *, model_id: str | None = None, run_id: str | None = None,
+                            source_model: str | None = None) -> None:
+    """The checkpoint in ``folder`` as an MLflow model of the transformers flavour at ``path``: a
+    ``text-generation`` pipeline that ``mlflow.transformers.load_model`` and ``mlflow.pyfunc.load_model``
+    load. The model is loaded in host memory once to be written."""
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a recording step, not the user's work: no bars
+    try:
+        _save_pipeline(folder, path, model_id, run_id)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    # MLflow's LICENSE.txt sends the reader to huggingface.co/<the local folder>: say whose licence applies
+    licences = sorted(f.name for f in Path(folder).iterdir() if f.name.upper().startswith(("LICENSE", "LICENCE")))
+    Path(path, "LICENSE.txt").write_text(
+        f"Depth-pruned from {source_model or 'its source model'} with ReplaceMe: the source model's licence applies"
+        + (f" (copied with the checkpoint: model/{', model/'.join(licences)}).\n" if licences else
+           "; see the source model's repository or model card.\n"))
+
+
+def _save_pipeline(folder: str, path: str, model_id: str | None, run_id: str | None) -> None:
+    import mlflow
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    pipeline = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    card = Path(folder, "README.md")
+    # our card when the run wrote one; never MLflow's default, a look-up on the Hub by the folder's name
+    model_card = ModelCard(card.read_text() if card.is_file() else "---\nlibrary_name: transformers\ntags:\n"
+                           "- replaceme\n- depth-pruning\n---\nDepth-pruned with ReplaceMe.\n")
+    requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"transformers=={transformers.__version__}"]
+    # predict(texts, params={"max_new_tokens": …, "do_sample": …}): greedy unless told otherwise
+    signature = ModelSignature(Schema([ColSpec("string")]), Schema([ColSpec("string")]),
+                               ParamSchema([ParamSpec("max_new_tokens", "long", 64),
+                                            ParamSpec("do_sample", "boolean", False)]))
+    with warnings.catch_warnings():  # MLflow's notes on the transformers flavour's future
+        warnings.simplefilter("ignore")
+        mlflow.transformers.save_model(pipeline, path, task="text-generation", model_card=model_card,
+                                       pip_requirements=requirements, signature=signature,
+                                       mlflow_model=Model(model_id=model_id, run_id=run_id))
+
+
 def _dataset_entity(name: str, identity: dict[str, Any]):
     """An MLflow dataset naming where the data lives and what exactly was used (its digest)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -325,24 +477,6 @@ def _dataset_entity(name: str, identity: dict[str, Any]):
     else:
         source = HuggingFaceDatasetSource(path=uri)
     return Dataset(**MetaDataset(source, name=name, digest=identity["digest"]).to_dict())
-
-
-@contextmanager
-def _local_path(out: OutputDir, name: str) -> Iterator[str]:
-    """The file or folder ``name`` of the output folder as a local path of the same name: the
-    output's own when it is local (no copy of maps or checkpoints), else a download."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(out.fs, LocalFileSystem):
-        yield out.path(name)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        local = os.path.join(folder, name)
-        if out.fs.isdir(out.path(name)):  # trailing slashes: copy the folder's contents into local/
-            out.fs.get(out.path(name) + "/", local + "/", recursive=True)
-        else:
-            out.fs.get(out.path(name), local)
-        yield local
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

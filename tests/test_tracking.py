@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from conftest import BUNDLED_MODEL, CALIB, EVAL, ROOT
 from replaceme import cli
 from replaceme.config import load_config
-from replaceme.tracking import log_output
+from replaceme.tracking import _digest, default_run_name, log_output
 
 pytestmark = pytest.mark.slow
 SECRET = "hf_do-not-log-me-7d2c"
@@ -90,7 +90,12 @@ def test_quickstart_records_a_run_in_the_local_store(tmp_path, monkeypatch):
     [model] = client.search_logged_models([experiment.experiment_id])
     assert model.source_run_id == run.info.run_id and version.source == model.artifact_location
     files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
-    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= files
+    assert {"MLmodel", "model", "components", "requirements.txt"} <= files  # MLflow's transformers flavour
+    linked = {m.key: m for m in model.metrics}  # the Logged Models view ranks models by these
+    assert linked["perplexity_after"].value == pytest.approx(report["perplexity_after"])
+    assert linked["perplexity_after"].dataset_digest == report["lineage"]["datasets"]["evaluation"]["digest"]
+    assert linked["perplexity_after"].dataset_name == "evaluation" and "removed_fraction" in linked
+    assert "seconds/total" not in linked  # a property of the run, not of the model
 
 
 def test_server_run_has_artifacts_on_s3_and_register_adds_versions(finished_output, mlflow_server, s3_server):
@@ -112,6 +117,49 @@ def test_server_run_has_artifacts_on_s3_and_register_adds_versions(finished_outp
     versions = {int(v.version): v for v in client.search_model_versions("name = 'pruned'")}
     assert sorted(versions) == [1, 2]  # a name clash adds a version, never overwrites
     assert versions[1].run_id == first and versions[2].run_id == other
+
+
+def test_registered_model_loads_with_pyfunc_and_matches_transformers(finished_output, mlflow_server, monkeypatch):
+    """models:/name/version through the server (artifacts on S3) is a text-generation pipeline of
+    the pruned model: the same logits and greedy tokens as model/ loaded with transformers."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_id = log_output(str(finished_output), config_for(finished_output, tracking_uri=mlflow_server.tracking_uri,
+                                                          experiment="loadable", register_as="loadable"))
+    client = MlflowClient(mlflow_server.tracking_uri)
+    report_text = (finished_output / "report.json").read_text()
+    assert client.get_run(run_id).info.run_name == default_run_name(json.loads(report_text), _digest(report_text))
+    [model] = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert {m.key for m in model.metrics} >= {"perplexity_before", "perplexity_after", "retention"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.tracking_uri)  # models:/ resolves through it
+    prompt = "To be, or not to be"
+    served = mlflow.pyfunc.load_model("models:/loadable/1")
+    [generated] = served.predict([prompt], params={"max_new_tokens": 6})
+
+    tokenizer = AutoTokenizer.from_pretrained(finished_output / "model")
+    direct = AutoModelForCausalLM.from_pretrained(finished_output / "model")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    greedy = direct.generate(**inputs, max_new_tokens=6, do_sample=False)
+    new_tokens = greedy[0, inputs["input_ids"].shape[1]:]
+    assert generated == prompt + tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+    pipeline = mlflow.transformers.load_model("models:/loadable/1")
+    assert pipeline.task == "text-generation" and pipeline.model.config.num_hidden_layers == 12
+    with torch.no_grad():
+        assert torch.equal(pipeline.model(**inputs).logits, direct(**inputs).logits)
+
+
+def test_default_run_names_tell_compressions_apart():
+    report = {"source_model": "org/Llama-3-8B", "method": "lstsq", "blocks": [[20, 28]], "config": {"alpha": 0.0}}
+    ridge = {**report, "config": {"alpha": 2.0}}
+    assert default_run_name(report, "0123456789") == "Llama-3-8B-lstsq-drop20-28-alpha0-012345"
+    assert default_run_name(ridge, "0123456789") != default_run_name(report, "0123456789")
+    assert default_run_name(report, "abcdef0123") != default_run_name(report, "0123456789")  # a rerun
+    cosine = {**report, "method": "cosine", "blocks": [[4, 8], [20, 24]]}
+    assert default_run_name(cosine, "0123456789") == "Llama-3-8B-cosine-drop4-8+20-24-012345"
 
 
 def test_unreachable_server_keeps_outputs_and_relog_works(tmp_path, mlflow_server, capsys):
@@ -185,7 +233,7 @@ def test_register_in_a_store_other_than_the_environments(finished_output, tmp_pa
 
 
 def test_register_by_reference_keeps_the_model_where_it_is(finished_output, tmp_path):
-    """log_model: false (for checkpoints too large to copy): the version points at output/model."""
+    """log_model: false (reference, for checkpoints too large to copy): the version points at output/model."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     log_output(str(finished_output), config_for(finished_output, tracking_uri=store, log_model="false",
                                                 register_as="by-reference"))
