@@ -38,10 +38,6 @@ STORAGE_FAILED = 4  # exit status: reading or writing files failed (disk full, r
 INTERRUPTED = 130  # exit status after SIGINT, as shells report it (128 + 2)
 
 
-class Interrupted(KeyboardInterrupt):
-    """An interrupt whose message says what state it left behind."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="replaceme",
@@ -167,7 +163,6 @@ def _interrupted(command: str) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from replaceme import recipe
     from replaceme.config import load_config
 
     if args.command == "log":
@@ -180,22 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _plan(config, args)
     progress = not args.quiet
     if args.command == "run":
-        tracker = _tracker(config)  # opens MLflow while the run computes
-        try:
-            report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
-        except BaseException:
-            if tracker:
-                tracker.cancel()
-            raise
-        print(summary(report, config.output_dir))
-        if not tracker:
-            return 0
-        try:
-            return _track(config, config.output_dir, tracker)
-        except KeyboardInterrupt:
-            tracker.cancel()
-            raise Interrupted(f"interrupted; the outputs in {config.output_dir} are complete but may not be recorded "
-                              f"in MLflow: record them with `replaceme log {config.output_dir}`") from None
+        return _run(config, progress)
     _step(args.command, config, progress)
     return 0
 
@@ -218,25 +198,42 @@ def _step(command: str, config: Any, progress: bool) -> None:
         print(json.dumps(outcome.marker["metrics"], indent=2))
 
 
-def _tracker(config: Any) -> Any:
-    if not config.mlflow.enabled:
-        return None
-    from replaceme.tracking import TrackerProcess
+def _run(config: Any, progress: bool) -> int:
+    """``replaceme run``: :func:`replaceme.prune`, then its summary and MLflow run."""
+    from replaceme.api import prune
+    from replaceme.tracking import TrackingError
 
-    return TrackerProcess(config)
+    try:
+        result = prune(config, progress=progress)
+    except TrackingError as exc:
+        if exc.result is None:
+            raise
+        print(summary(exc.result.report, config.output_dir))
+        print(f"error: {exc}", file=sys.stderr)
+        return TRACKING_FAILED
+    print(summary(result.report, config.output_dir))
+    if result.mlflow_run_id is not None:
+        print(_tracked(config, result.mlflow_run_id))
+    return 0
+
+
+def _tracked(config: Any, run_id: str) -> str:
+    from replaceme.config import redact_uri
+    from replaceme.tracking import tracking_uri
+
+    return f"mlflow run      {run_id}  (experiment {config.mlflow.experiment!r} at {redact_uri(tracking_uri(config.mlflow))})"
 
 
 def _track(config: Any, output_dir: str, tracker: Any) -> int:
-    """Record the finished run in MLflow; a failure leaves the outputs as they are."""
-    from replaceme.config import redact_uri
-    from replaceme.tracking import TrackingError, tracking_uri
+    """Record a finished output folder in MLflow (``replaceme log``); a failure leaves the outputs as they are."""
+    from replaceme.tracking import TrackingError
 
     try:
         run_id = tracker.log(output_dir)
     except TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return TRACKING_FAILED
-    print(f"mlflow run      {run_id}  (experiment {config.mlflow.experiment!r} at {redact_uri(tracking_uri(config.mlflow))})")
+    print(_tracked(config, run_id))
     return 0
 
 

@@ -38,7 +38,10 @@ REPORT_DIGEST_TAG = "replaceme.report_digest"
 
 
 class TrackingError(ReplaceMeError):
-    """Recording in MLflow failed; the outputs themselves are complete."""
+    """Recording in MLflow failed; the outputs themselves are complete (``result``: the
+    :class:`~replaceme.api.PruneResult` of a run whose record failed, set by :func:`replaceme.prune`)."""
+
+    result: Any = None
 
 
 def tracking_uri(settings: MlflowConfig) -> str:
