@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -32,6 +34,7 @@ from replaceme.errors import ReplaceMeError
 from replaceme.memory import parse_size
 
 Block = tuple[int, int]
+log = logging.getLogger("replaceme")
 
 
 class _Strict(BaseModel):
@@ -41,13 +44,17 @@ class _Strict(BaseModel):
 class EvalConfig(_Strict):
     """Held-out text for perplexity before and after pruning."""
 
-    dataset: str
+    dataset: str | None = Field(default=None, description="held-out text; null: no perplexity (lm-eval tasks only)")
     dataset_column: str = "text"
     dataset_subset: str = "test"
     dataset_size: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1, description="defaults to the top-level batch_size")
     max_length: int | None = Field(default=None, ge=2, description="defaults to the top-level max_length")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval task names, run when lm-eval is installed")
+    lm_eval_num_fewshot: dict[str, int] = Field(default_factory=dict, description="few-shot examples per task "
+                                                "(the reference's `tasks: {task: n}`); unset: lm-eval's default")
+    lm_eval_limit: float | None = Field(default=None, gt=0, description="examples per task (a fraction when < 1), "
+                                        "the reference's `limit`; null: all")
     cache: bool | str = Field(
         default=True, description="where the source model's perplexity is cached: true: $REPLACEME_CACHE, else "
         "~/.cache/replaceme; a folder or URI (s3://…); false: not cached")
@@ -145,7 +152,6 @@ class ReplaceMeConfig(_Strict):
         default="outputs/run", validation_alias=AliasChoices("output_dir", "save_path")
     )
     save_transform_only: bool = False
-    use_4bit: bool = False
     token: SecretStr | None = None
 
     # --- ours -------------------------------------------------------------------------------
@@ -170,20 +176,15 @@ class ReplaceMeConfig(_Strict):
         description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_keys(cls, data: Any) -> Any:
+        return reference_keys(data) if isinstance(data, dict) else data
+
     @field_validator("eval", mode="before")
     @classmethod
     def _eval_shorthand(cls, value: Any) -> Any:
         return {"dataset": value} if isinstance(value, str) else value
-
-    @field_validator("use_4bit")
-    @classmethod
-    def _no_4bit(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "4-bit loading is not needed: replaceme runs one decoder layer at a time and never "
-                "holds the whole model; remove use_4bit"
-            )
-        return value
 
     @field_validator("blocks")
     @classmethod
@@ -261,6 +262,64 @@ class ReplaceMeConfig(_Strict):
         if self.eval is not None and isinstance(self.eval.cache, str):
             data["eval"]["cache"] = redact_uri(self.eval.cache)
         return data
+
+
+# --- the reference's own keys ----------------------------------------------------------------------
+
+# Keys of the reference configs (mts-ai/ReplaceMe) with no meaning here: accepted, named in one warning.
+MOOT_KEYS = {
+    "use_4bit": "replaceme streams one decoder layer at a time and never holds the whole model, so 4-bit "
+                "loading is unnecessary; the maps are fitted on the checkpoint's own weights",
+    "activations_save_path": "the reference's scratch file for activations; replaceme keeps them in memory, "
+                             "or in activations.uri when that is set",
+    "num_layer": "a setting of the reference's own scripts; blocks here are layers_to_skip, num_A or blocks",
+    "cluster": "a setting of the reference's own scripts; distributed runs here are engine.backend: ray",
+}
+# Variants of the method the reference implements and replaceme does not: refused when on, since
+# ignoring them would give other maps without a word; accepted when off.
+VARIANT_KEYS = ("two_vectors", "thri", "accurate")
+
+
+def reference_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """The reference's keys mapped onto ours, before validation: ``save_path: null`` (and ``output_dir:
+    null``) mean the default output folder; ``tasks`` (a list, or a mapping of task to few-shot count) and
+    ``limit`` are lm-eval's; the moot keys are dropped, named in one warning when set to something other
+    than false or null; method variants replaceme does not implement are refused when on."""
+    data = dict(data)
+    for key in ("save_path", "output_dir"):
+        if key in data and data[key] is None:
+            del data[key]
+    for key in VARIANT_KEYS:
+        if key in data:
+            value = data.pop(key)
+            if value not in (False, None, 0, "false", "False"):
+                raise ValueError(f"'{key}: {json.dumps(value)}' selects a variant of the reference's method that replaceme "
+                                 f"does not implement; ignoring it would silently give other maps. Remove {key} "
+                                 "or set it to false")
+    moot = [key for key in MOOT_KEYS if key in data and data.pop(key) not in (False, None)]  # off: nothing asked
+    if moot:
+        log.warning("ignoring %s", "; ".join(f"{key} ({MOOT_KEYS[key]})" for key in moot))
+    if "tasks" in data or "limit" in data:
+        _lm_eval_keys(data)
+    return data
+
+
+def _lm_eval_keys(data: dict[str, Any]) -> None:
+    """``tasks`` and ``limit`` (the reference's lm-eval settings) into ``eval``'s."""
+    tasks, limit = data.pop("tasks", None), data.pop("limit", None)
+    evaluation = data.get("eval")
+    evaluation = {"dataset": evaluation} if isinstance(evaluation, str) else dict(evaluation or {})
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if isinstance(tasks, dict):
+        evaluation.setdefault("lm_eval_num_fewshot", {k: v for k, v in tasks.items() if v is not None})
+        tasks = list(tasks)
+    if tasks:
+        evaluation.setdefault("lm_eval_tasks", tasks)
+    if limit is not None:
+        evaluation.setdefault("lm_eval_limit", limit)
+    if evaluation:
+        data["eval"] = evaluation
 
 
 @overload
@@ -400,7 +459,7 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         model = nested[0]
     names = list(model.model_fields)
     if model is ReplaceMeConfig:
-        names.append("save_path")
+        names += ["save_path", "tasks", "limit", *MOOT_KEYS, *VARIANT_KEYS]
     return names
 
 
@@ -419,5 +478,5 @@ def _describe(exc: ValidationError) -> str:
             message = error["msg"].removeprefix("Value error, ")
             secret = not loc or loc[0] == "token" or (loc[:2] == ("storage", "options") and _redact(str(loc[-1]), 1) != 1)
             shown = "" if secret else f" (got {_redact_input(error.get('input'))!r})"
-            lines.append(f"'{key}': {message}{shown}")
+            lines.append(f"'{key}': {message}{shown}" if loc else message)  # a check of the whole config names its key
     return "invalid config: " + "; ".join(lines)

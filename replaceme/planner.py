@@ -383,7 +383,7 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
     if not one_pass:
         passes.append(("calibrate", layer_bytes[:needed], batches, config.batch_size, config.max_length,
                        CALIBRATION_STATES, len(blocks or range(config.num_A)) * accumulators + embedding, 0))
-    if config.eval is not None:
+    if config.eval is not None and config.eval.dataset is not None:
         e = config.eval
         removed = sum(end - start for start, end in blocks) if blocks else config.num_A * config.layers_to_skip
         eval_batches = math.ceil((e.dataset_size or batches * config.batch_size) / (e.batch_size or config.batch_size))

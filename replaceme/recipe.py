@@ -104,12 +104,12 @@ class Context:
     @cached_property
     def eval_texts(self) -> list[str] | None:
         e = self.config.eval
-        if e is None:
+        if e is not None and e.lm_eval_tasks:
+            _require_lm_eval()
+        if e is None or e.dataset is None:
             return None
         texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset, size=e.dataset_size,
                            tokenizer=self.tokenizer, field="eval.dataset", storage_options=self.config.storage_options(e.dataset))
-        if e.lm_eval_tasks:
-            _require_lm_eval()
         return texts
 
     @cached_property
@@ -220,7 +220,7 @@ class Context:
         the identity calibrate recorded (else the texts are read now); ``evaluated``: the eval texts were used."""
         c = self.config
         data = {"calibration": calibration or lineage.dataset_identity(c.dataset, self.texts)}
-        if evaluated and c.eval is not None and self.eval_texts is not None:
+        if evaluated and c.eval is not None and c.eval.dataset is not None and self.eval_texts is not None:
             data["evaluation"] = lineage.dataset_identity(c.eval.dataset, self.eval_texts)
         store = self._activation_store
         stores = {"statistics": store.location if store else f"{c.output_dir.rstrip('/')}/calibration"}
@@ -420,7 +420,7 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
     from ``eval.cache`` when it was computed on these weights, eval batches and settings, else
     computed and stored there (see :mod:`replaceme.evalcache`)."""
     if ctx.eval_texts is None:
-        return {}
+        return _lm_eval_metrics(ctx, out, {})
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
     shared = min(s for s, _ in required_blocks(out)) - 1
     budget = ctx.config.engine.memory_budget
@@ -444,16 +444,31 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
                          cache.entry_uri(key) if cache is not None and key else "the cache")
     metrics: dict[str, Any] = {"perplexity_before": before, "perplexity_before_cached": cached is not None,
                                "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
-    if ctx.config.eval is not None and ctx.config.eval.lm_eval_tasks:
-        metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", ctx.config.eval.lm_eval_tasks, ctx.device)
+    return _lm_eval_metrics(ctx, out, metrics)
+
+
+def _lm_eval_metrics(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[str, Any]:
+    e = ctx.config.eval
+    if e is not None and e.lm_eval_tasks:
+        metrics["lm_eval"] = run_lm_eval(f"{out.uri}/model", e.lm_eval_tasks, ctx.device,
+                                         num_fewshot=e.lm_eval_num_fewshot, limit=e.lm_eval_limit)
     return metrics
 
 
-def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device) -> dict[str, Any]:
-    """lm-evaluation-harness tasks on the pruned model (its datasets come from the Hub)."""
-    results = _require_lm_eval().simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=list(tasks),
-                                      device=str(device))
-    return results["results"]
+def run_lm_eval(model_dir: str, tasks: list[str], device: torch.device, *, num_fewshot: dict[str, int] | None = None,
+                limit: float | None = None) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the pruned model (its datasets come from the Hub); one call per
+    few-shot count, since lm-eval takes one count per call."""
+    counts = num_fewshot or {}
+    groups: dict[int | None, list[str]] = {}
+    for task in tasks:
+        groups.setdefault(counts.get(task), []).append(task)
+    results: dict[str, Any] = {}
+    for shots, group in groups.items():
+        done = _require_lm_eval().simple_evaluate(model="hf", model_args=f"pretrained={model_dir}", tasks=group,
+                                                  device=str(device), num_fewshot=shots, limit=limit)
+        results.update(done["results"])
+    return results
 
 
 def _require_lm_eval():
