@@ -36,6 +36,8 @@ COMMANDS = {
 TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
 STORAGE_FAILED = 4  # exit status: reading or writing files failed (disk full, read-only, …)
 INTERRUPTED = 130  # exit status after SIGINT, as shells report it (128 + 2)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_ENV = "REPLACEME_LOG_LEVEL"  # the level, for the processes a command starts (the MLflow child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key; the value is parsed as YAML (repeatable)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        sub.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        sub.add_argument("--quiet", "-q", action="store_true", help="no progress (bars, or log lines off a terminal)")
+        add_log_level(sub)
         if name == "plan":
             _add_plan_arguments(sub)
     _add_log_command(commands)
     _add_compare_command(commands)
     return parser
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None, metavar="LEVEL",
+                        help=f"replaceme's log level: {', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else INFO). "
+                        "Off a terminal (Ray job, pod logs) progress is INFO log lines with percent, rate and ETA")
+
+
+def configure_logging(level: str | None) -> None:
+    """INFO lines on stderr; ``level`` (or $REPLACEME_LOG_LEVEL) for replaceme's own logger, passed on to
+    the processes the command starts."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ReplaceMeError(f"${LOG_LEVEL_ENV}: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    logging.getLogger("replaceme").setLevel(level)
+    os.environ[LOG_LEVEL_ENV] = level
 
 
 def _add_log_command(commands: Any) -> None:
@@ -68,6 +88,7 @@ def _add_log_command(commands: Any) -> None:
                      "(default: the one recorded in report.json)")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. mlflow.tracking_uri=http://host:5000 (repeatable)")
+    add_log_level(sub)
 
 
 def _add_compare_command(commands: Any) -> None:
@@ -82,6 +103,7 @@ def _add_compare_command(commands: Any) -> None:
     sub.add_argument("--max-runs", type=_positive(int), default=100, metavar="N")
     sub.add_argument("--plot", metavar="PNG", help="also write a plot: removed fraction against --plot-metric")
     sub.add_argument("--plot-metric", default="retention", metavar="COLUMN")
+    add_log_level(sub)
 
 
 def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
@@ -107,8 +129,8 @@ def _positive(kind: type) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        configure_logging(args.log_level)
         return _dispatch(args)
     except ReplaceMeError as exc:
         print(f"error: {exc}", file=sys.stderr)

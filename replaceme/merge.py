@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from replaceme.checkpoint import (
     DTYPE_NAMES,
@@ -31,6 +30,7 @@ from replaceme.checkpoint import (
     tensor_to_bytes,
 )
 from replaceme.families import Family, family_for, prune_config
+from replaceme.progress import progress as progress_display
 
 Block = tuple[int, int]
 
@@ -81,8 +81,8 @@ def merge_checkpoint(source: Checkpoint, transforms: dict[Block, torch.Tensor], 
                      *, progress: bool = True) -> dict:
     """Write the pruned model into ``out_root`` (an existing empty folder); returns the new config."""
     plan = plan_merge(source, transforms)
-    with tqdm(total=sum(s.nbytes for s in plan.shards), desc="merge", unit="B", unit_scale=True,
-              disable=not progress, leave=False) as bar:
+    with progress_display(total=sum(s.nbytes for s in plan.shards), desc="merge", unit="B", unit_scale=True,
+                          disable=not progress) as bar:
         for shard in plan.shards:
             write_shard(source, shard, plan.folds_for(shard), plan.family, out_fs, out_root)
             bar.update(shard.nbytes)
