@@ -71,6 +71,7 @@ def prune(config: ReplaceMeConfig | str | Path | Mapping[str, Any] | None = None
     from replaceme import recipe
 
     resolved = resolve_config(config, settings)
+    warn_outside_ray_job(resolved, tracked=True)
     tracker = _tracker(resolved)  # opens MLflow in a child process while the run computes
     try:
         report = recipe.run(resolved, progress=progress, on_step=on_step or (lambda step: log.info("step: %s", step)))
@@ -102,6 +103,10 @@ def resolve_config(config: ReplaceMeConfig | str | Path | Mapping[str, Any] | No
         return config
     if isinstance(config, ReplaceMeConfig):
         data: dict[str, Any] = config.model_dump()  # python mode: the token stays a SecretStr
+        resolved = validate_config(_merged(data, settings))
+        kept = {k: v for k, v in config._relative_outputs.items() if k.split(".")[0] not in settings}
+        resolved._relative_outputs = {**kept, **resolved._relative_outputs}  # as given, before made absolute
+        return resolved
     elif isinstance(config, (str, Path)):
         data = read_yaml(config)
     elif config is None:
@@ -121,6 +126,20 @@ def _merged(base: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
+
+
+def warn_outside_ray_job(config: ReplaceMeConfig, *, tracked: bool) -> None:
+    """Inside a Ray job, warn (first thing in the job's log) about outputs or an MLflow store at a
+    relative path: they would land in the job's temporary working directory and vanish with it."""
+    from replaceme.lineage import ray_job_warnings
+
+    tracking = None
+    if tracked and config.mlflow.enabled:
+        from replaceme.tracking import tracking_uri
+
+        tracking = tracking_uri(config.mlflow)
+    for warning in ray_job_warnings(config, tracking):
+        log.warning("%s", warning)
 
 
 def _tracker(config: ReplaceMeConfig) -> Any:

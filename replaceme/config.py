@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -175,6 +176,9 @@ class ReplaceMeConfig(_Strict):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",
     )
+    # the output settings given as relative local paths, before they were made absolute (see
+    # lineage.ray_job_warnings: inside a Ray job they land in the job's temporary working directory)
+    _relative_outputs: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +215,9 @@ class ReplaceMeConfig(_Strict):
     def _local_paths_absolute(self) -> ReplaceMeConfig:
         """Every local path made absolute here, in the driver: a Ray worker, a RayJob or a step run
         from another folder would resolve a relative path against its own working directory."""
+        outputs = {"output_dir": self.output_dir, "distances_path": self.distances_path,
+                   "activations.uri": self.activations.uri}
+        self._relative_outputs = {key: path for key, path in outputs.items() if _is_relative(path)}
         self.model_path = _absolute(self.model_path, must_exist=True)  # else a Hub repo id
         self.dataset = _absolute(self.dataset, must_exist=True)  # else a Hub dataset name
         if self.eval is not None:
@@ -334,6 +341,11 @@ def _absolute(path: str | None, *, must_exist: bool = False) -> str | None:
     if not path or "://" in path or (must_exist and not os.path.exists(os.path.expanduser(path))):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _is_relative(path: str | None) -> bool:
+    """A local path that depends on the working directory (not a URI, not absolute, not under ~)."""
+    return bool(path) and "://" not in str(path) and not os.path.isabs(os.path.expanduser(str(path)))
 
 
 SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
