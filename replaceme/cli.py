@@ -113,6 +113,12 @@ def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--gpus-per-node", type=_positive(int), default=8, metavar="N", help="GPUs per node (default 8)")
     sub.add_argument("--gpu-memory-gb", type=_positive(float), default=80.0, metavar="GB",
                      help="memory of one GPU in GB of 10^9 bytes (default 80)")
+    sub.add_argument("--mfu", type=_positive(float), default=None, metavar="F",
+                     help="model FLOPs utilisation the wall-time estimate assumes (default 0.4)")
+    sub.add_argument("--gpu", metavar="NAME", help="the GPU the wall time is estimated for, e.g. H100, A100, L40S "
+                     "(default: this machine's, if it has one)")
+    sub.add_argument("--peak-tflops", type=_positive(float), metavar="N",
+                     help="one device's peak TFLOP/s, for a GPU not in the table (overrides --gpu)")
 
 
 def _positive(kind: type) -> Any:
@@ -329,9 +335,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(config: Any, args: argparse.Namespace) -> int:
     """Reads only config.json: no data, tokenizer or weights (recipe.Context would load them)."""
-    from replaceme.planner import format_plan, plan, to_json
+    from replaceme.planner import DEFAULT_MFU, find_peak, format_plan, local_gpu, plan, to_json
 
-    result = plan(config, tokens=args.tokens, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb)
+    if args.mfu is not None and args.mfu > 1:
+        raise ReplaceMeError(f"--mfu: {args.mfu:g} is a share of the peak, at most 1 (e.g. 0.4)")
+    peak = find_peak(args.gpu or (None if args.peak_tflops else local_gpu()), args.peak_tflops)
+    result = plan(config, tokens=args.tokens, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
+                  mfu=args.mfu or DEFAULT_MFU, peak=peak)
     print(to_json(result) if args.json else format_plan(result))
     return 0
 
