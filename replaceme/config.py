@@ -217,7 +217,7 @@ class ReplaceMeConfig(_Strict):
         from another folder would resolve a relative path against its own working directory."""
         outputs = {"output_dir": self.output_dir, "distances_path": self.distances_path,
                    "activations.uri": self.activations.uri}
-        self._relative_outputs = {key: path for key, path in outputs.items() if _is_relative(path)}
+        self._relative_outputs = {key: path for key, path in outputs.items() if path and _is_relative(path)}
         self.model_path = _absolute(self.model_path, must_exist=True)  # else a Hub repo id
         self.dataset = _absolute(self.dataset, must_exist=True)  # else a Hub dataset name
         if self.eval is not None:

@@ -436,7 +436,7 @@ def _wall_time(config: ReplaceMeConfig, ray_dtype: str, flops: FlopsPlan, in_pro
                evaluation: EvaluationPlan | None, mfu: float, peak: Peak) -> WallTime:
     passes = sum(1 for p in in_process.passes if p.name != "evaluate")
     e = config.engine
-    runs = []
+    runs: list[tuple[str, float, int, str]] = []
     if e.backend == "ray" and e.gpus_per_stage > 0:
         runs.append(("calibration on Ray", passes * flops.total, e.replicas * e.stages, ray_dtype))
     runs.append(("calibration in-process", passes * flops.total, 1, in_process.compute_dtype))
