@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from replaceme import recipe
+from replaceme.cli import add_log_level, configure_logging
 from replaceme.config import ReplaceMeConfig, load_config
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
@@ -69,8 +70,8 @@ class Step:
 
     def main(self, argv: list[str] | None = None) -> int:
         args = _parser(self).parse_args(argv)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
         try:
+            configure_logging(args.log_level)
             outcome = self.run(args.config, overrides=args.overrides, output=args.output, force=args.force,
                                pipeline_run_id=args.pipeline_run_id, progress=not args.quiet)
         except ReplaceMeError as exc:
@@ -95,7 +96,8 @@ def _parser(step: Step) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help=f"run even when steps/{step.name}.json says it is done")
     parser.add_argument("--pipeline-run-id", metavar="ID",
                         help=f"the Kubeflow run this step belongs to (exported as ${PIPELINE_RUN_ENV})")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress (bars, or log lines off a terminal)")
+    add_log_level(parser)
     return parser
 
 

@@ -35,7 +35,7 @@ def step_entrypoint(step: str, *, config_uri: str, output_uri: str, pipeline_run
     """The command the RayJob runs: the ops step itself, on the Ray cluster the job is in."""
     if step not in STEPS:
         raise ValueError(f"step {step!r} is not one of {', '.join(STEPS)}")
-    args = ["python", "-m", f"ops.{step}", "--quiet", "--config", config_uri, "--output", output_uri,
+    args = ["python", "-m", f"ops.{step}", "--config", config_uri, "--output", output_uri,
             "--set", "engine.backend=ray", "--set", "engine.address=auto"]
     if pipeline_run_id:
         args += ["--pipeline-run-id", pipeline_run_id]

@@ -36,10 +36,8 @@ COMMANDS = {
 TRACKING_FAILED = 3  # exit status: outputs complete, MLflow record missing (re-log with `replaceme log`)
 STORAGE_FAILED = 4  # exit status: reading or writing files failed (disk full, read-only, …)
 INTERRUPTED = 130  # exit status after SIGINT, as shells report it (128 + 2)
-
-
-class Interrupted(KeyboardInterrupt):
-    """An interrupt whose message says what state it left behind."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_ENV = "REPLACEME_LOG_LEVEL"  # the level, for the processes a command starts (the MLflow child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key; the value is parsed as YAML (repeatable)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        sub.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+        sub.add_argument("--quiet", "-q", action="store_true", help="no progress (bars, or log lines off a terminal)")
+        add_log_level(sub)
         if name == "plan":
             _add_plan_arguments(sub)
     _add_log_command(commands)
     _add_compare_command(commands)
     return parser
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None, metavar="LEVEL",
+                        help=f"replaceme's log level: {', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else INFO). "
+                        "Off a terminal (Ray job, pod logs) progress is INFO log lines with percent, rate and ETA")
+
+
+def configure_logging(level: str | None) -> None:
+    """INFO lines on stderr; ``level`` (or $REPLACEME_LOG_LEVEL) for replaceme's own logger, passed on to
+    the processes the command starts."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ReplaceMeError(f"${LOG_LEVEL_ENV}: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    logging.getLogger("replaceme").setLevel(level)
+    os.environ[LOG_LEVEL_ENV] = level
 
 
 def _add_log_command(commands: Any) -> None:
@@ -72,6 +88,7 @@ def _add_log_command(commands: Any) -> None:
                      "(default: the one recorded in report.json)")
     sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. mlflow.tracking_uri=http://host:5000 (repeatable)")
+    add_log_level(sub)
 
 
 def _add_compare_command(commands: Any) -> None:
@@ -86,6 +103,7 @@ def _add_compare_command(commands: Any) -> None:
     sub.add_argument("--max-runs", type=_positive(int), default=100, metavar="N")
     sub.add_argument("--plot", metavar="PNG", help="also write a plot: removed fraction against --plot-metric")
     sub.add_argument("--plot-metric", default="retention", metavar="COLUMN")
+    add_log_level(sub)
 
 
 def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
@@ -95,6 +113,12 @@ def _add_plan_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--gpus-per-node", type=_positive(int), default=8, metavar="N", help="GPUs per node (default 8)")
     sub.add_argument("--gpu-memory-gb", type=_positive(float), default=80.0, metavar="GB",
                      help="memory of one GPU in GB of 10^9 bytes (default 80)")
+    sub.add_argument("--mfu", type=_positive(float), default=None, metavar="F",
+                     help="model FLOPs utilisation the wall-time estimate assumes (default 0.4)")
+    sub.add_argument("--gpu", metavar="NAME", help="the GPU the wall time is estimated for, e.g. H100, A100, L40S "
+                     "(default: this machine's, if it has one)")
+    sub.add_argument("--peak-tflops", type=_positive(float), metavar="N",
+                     help="one device's peak TFLOP/s, for a GPU not in the table (overrides --gpu)")
 
 
 def _positive(kind: type) -> Any:
@@ -111,8 +135,8 @@ def _positive(kind: type) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        configure_logging(args.log_level)
         return _dispatch(args)
     except ReplaceMeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -167,7 +191,6 @@ def _interrupted(command: str) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from replaceme import recipe
     from replaceme.config import load_config
 
     if args.command == "log":
@@ -180,22 +203,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _plan(config, args)
     progress = not args.quiet
     if args.command == "run":
-        tracker = _tracker(config)  # opens MLflow while the run computes
-        try:
-            report = recipe.run(config, progress=progress, on_step=lambda step: log.info("step: %s", step))
-        except BaseException:
-            if tracker:
-                tracker.cancel()
-            raise
-        print(summary(report, config.output_dir))
-        if not tracker:
-            return 0
-        try:
-            return _track(config, config.output_dir, tracker)
-        except KeyboardInterrupt:
-            tracker.cancel()
-            raise Interrupted(f"interrupted; the outputs in {config.output_dir} are complete but may not be recorded "
-                              f"in MLflow: record them with `replaceme log {config.output_dir}`") from None
+        return _run(config, progress)
     _step(args.command, config, progress)
     return 0
 
@@ -218,25 +226,42 @@ def _step(command: str, config: Any, progress: bool) -> None:
         print(json.dumps(outcome.marker["metrics"], indent=2))
 
 
-def _tracker(config: Any) -> Any:
-    if not config.mlflow.enabled:
-        return None
-    from replaceme.tracking import TrackerProcess
+def _run(config: Any, progress: bool) -> int:
+    """``replaceme run``: :func:`replaceme.prune`, then its summary and MLflow run."""
+    from replaceme.api import prune
+    from replaceme.tracking import TrackingError
 
-    return TrackerProcess(config)
+    try:
+        result = prune(config, progress=progress)
+    except TrackingError as exc:
+        if exc.result is None:
+            raise
+        print(summary(exc.result.report, config.output_dir))
+        print(f"error: {exc}", file=sys.stderr)
+        return TRACKING_FAILED
+    print(summary(result.report, config.output_dir))
+    if result.mlflow_run_id is not None:
+        print(_tracked(config, result.mlflow_run_id))
+    return 0
+
+
+def _tracked(config: Any, run_id: str) -> str:
+    from replaceme.config import redact_uri
+    from replaceme.tracking import tracking_uri
+
+    return f"mlflow run      {run_id}  (experiment {config.mlflow.experiment!r} at {redact_uri(tracking_uri(config.mlflow))})"
 
 
 def _track(config: Any, output_dir: str, tracker: Any) -> int:
-    """Record the finished run in MLflow; a failure leaves the outputs as they are."""
-    from replaceme.config import redact_uri
-    from replaceme.tracking import TrackingError, tracking_uri
+    """Record a finished output folder in MLflow (``replaceme log``); a failure leaves the outputs as they are."""
+    from replaceme.tracking import TrackingError
 
     try:
         run_id = tracker.log(output_dir)
     except TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return TRACKING_FAILED
-    print(f"mlflow run      {run_id}  (experiment {config.mlflow.experiment!r} at {redact_uri(tracking_uri(config.mlflow))})")
+    print(_tracked(config, run_id))
     return 0
 
 
@@ -310,9 +335,13 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(config: Any, args: argparse.Namespace) -> int:
     """Reads only config.json: no data, tokenizer or weights (recipe.Context would load them)."""
-    from replaceme.planner import format_plan, plan, to_json
+    from replaceme.planner import DEFAULT_MFU, find_peak, format_plan, local_gpu, plan, to_json
 
-    result = plan(config, tokens=args.tokens, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb)
+    if args.mfu is not None and args.mfu > 1:
+        raise ReplaceMeError(f"--mfu: {args.mfu:g} is a share of the peak, at most 1 (e.g. 0.4)")
+    peak = find_peak(args.gpu or (None if args.peak_tflops else local_gpu()), args.peak_tflops)
+    result = plan(config, tokens=args.tokens, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
+                  mfu=args.mfu or DEFAULT_MFU, peak=peak)
     print(to_json(result) if args.json else format_plan(result))
     return 0
 

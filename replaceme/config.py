@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -33,6 +36,7 @@ from replaceme.memory import parse_size
 
 Block = tuple[int, int]
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+log = logging.getLogger("replaceme")
 
 
 class _Strict(BaseModel):
@@ -42,7 +46,7 @@ class _Strict(BaseModel):
 class EvalConfig(_Strict):
     """Held-out text for perplexity before and after pruning."""
 
-    dataset: str
+    dataset: str | None = Field(default=None, description="held-out text; null: no perplexity (lm-eval tasks only)")
     dataset_column: str = "text"
     dataset_subset: str = "test"
     dataset_size: int | None = Field(default=None, ge=1)
@@ -201,7 +205,6 @@ class ReplaceMeConfig(_Strict):
         default="outputs/run", validation_alias=AliasChoices("output_dir", "save_path")
     )
     save_transform_only: bool = False
-    use_4bit: bool = False
     token: SecretStr | None = None
 
     # --- ours -------------------------------------------------------------------------------
@@ -232,21 +235,19 @@ class ReplaceMeConfig(_Strict):
         default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="names the run in the activation store; a rerun with the same id resumes (default: a digest of the config)",
     )
+    # the output settings given as relative local paths, before they were made absolute (see
+    # lineage.ray_job_warnings: inside a Ray job they land in the job's temporary working directory)
+    _relative_outputs: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_keys(cls, data: Any) -> Any:
+        return reference_keys(data) if isinstance(data, dict) else data
 
     @field_validator("eval", mode="before")
     @classmethod
     def _eval_shorthand(cls, value: Any) -> Any:
         return {"dataset": value} if isinstance(value, str) else value
-
-    @field_validator("use_4bit")
-    @classmethod
-    def _no_4bit(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(
-                "4-bit loading is not needed: replaceme runs one decoder layer at a time and never "
-                "holds the whole model; remove use_4bit"
-            )
-        return value
 
     @field_validator("blocks")
     @classmethod
@@ -273,6 +274,9 @@ class ReplaceMeConfig(_Strict):
     def _local_paths_absolute(self) -> ReplaceMeConfig:
         """Every local path made absolute here, in the driver: a Ray worker, a RayJob or a step run
         from another folder would resolve a relative path against its own working directory."""
+        outputs = {"output_dir": self.output_dir, "distances_path": self.distances_path,
+                   "activations.uri": self.activations.uri}
+        self._relative_outputs = {key: path for key, path in outputs.items() if path and _is_relative(path)}
         self.model_path = _absolute(self.model_path, must_exist=True)  # else a Hub repo id
         self.dataset = _absolute(self.dataset, must_exist=True)  # else a Hub dataset name
         if self.eval is not None:
@@ -332,6 +336,61 @@ class ReplaceMeConfig(_Strict):
         return data
 
 
+# --- the reference's own keys ----------------------------------------------------------------------
+
+# Keys of the reference configs (mts-ai/ReplaceMe) with no meaning here: accepted, named in one warning.
+MOOT_KEYS = {
+    "use_4bit": "replaceme streams one decoder layer at a time and never holds the whole model, so 4-bit "
+                "loading is unnecessary; the maps are fitted on the checkpoint's own weights",
+    "activations_save_path": "the reference's scratch file for activations; replaceme keeps them in memory, "
+                             "or in activations.uri when that is set",
+    "num_layer": "a setting of the reference's own scripts; blocks here are layers_to_skip, num_A or blocks",
+    "cluster": "a setting of the reference's own scripts; distributed runs here are engine.backend: ray",
+}
+# Variants of the method the reference implements and replaceme does not: refused when on, since
+# ignoring them would give other maps without a word; accepted when off.
+VARIANT_KEYS = ("two_vectors", "thri", "accurate")
+
+
+def reference_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """The reference's keys mapped onto ours, before validation: ``save_path: null`` (and ``output_dir:
+    null``) mean the default output folder; ``tasks`` (a list, or a mapping of task to few-shot count) and
+    ``limit`` are lm-eval's; the moot keys are dropped, named in one warning when set to something other
+    than false or null; method variants replaceme does not implement are refused when on."""
+    data = dict(data)
+    for key in ("save_path", "output_dir"):
+        if key in data and data[key] is None:
+            del data[key]
+    for key in VARIANT_KEYS:
+        if key in data:
+            value = data.pop(key)
+            if value not in (False, None, 0, "false", "False"):
+                raise ValueError(f"'{key}: {json.dumps(value)}' selects a variant of the reference's method that replaceme "
+                                 f"does not implement; ignoring it would silently give other maps. Remove {key} "
+                                 "or set it to false")
+    moot = [key for key in MOOT_KEYS if key in data and data.pop(key) not in (False, None)]  # off: nothing asked
+    if moot:
+        log.warning("ignoring %s", "; ".join(f"{key} ({MOOT_KEYS[key]})" for key in moot))
+    if "tasks" in data or "limit" in data:
+        _lm_eval_keys(data)
+    return data
+
+
+def _lm_eval_keys(data: dict[str, Any]) -> None:
+    """``tasks`` and ``limit`` (the reference's lm-eval settings) into ``eval``'s."""
+    tasks, limit = data.pop("tasks", None), data.pop("limit", None)
+    evaluation = data.get("eval")
+    evaluation = {"dataset": evaluation} if isinstance(evaluation, str) else dict(evaluation or {})
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks:  # a list, or a mapping task -> few-shot count: eval.lm_eval_tasks takes both
+        evaluation.setdefault("lm_eval_tasks", tasks)
+    if limit is not None:
+        evaluation.setdefault("lm_eval_limit", limit)
+    if evaluation:
+        data["eval"] = evaluation
+
+
 @overload
 def _absolute(path: str, *, must_exist: bool = False) -> str: ...
 @overload
@@ -344,6 +403,11 @@ def _absolute(path: str | None, *, must_exist: bool = False) -> str | None:
     if not path or "://" in path or (must_exist and not os.path.exists(os.path.expanduser(path))):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _is_relative(path: str | None) -> bool:
+    """A local path that depends on the working directory (not a URI, not absolute, not under ~)."""
+    return bool(path) and "://" not in str(path) and not os.path.isabs(os.path.expanduser(str(path)))
 
 
 SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
@@ -469,7 +533,7 @@ def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         model = nested[0]
     names = list(model.model_fields)
     if model is ReplaceMeConfig:
-        names.append("save_path")
+        names += ["save_path", "tasks", "limit", *MOOT_KEYS, *VARIANT_KEYS]
     return names
 
 
@@ -488,5 +552,5 @@ def _describe(exc: ValidationError) -> str:
             message = error["msg"].removeprefix("Value error, ")
             secret = not loc or loc[0] == "token" or (loc[:2] == ("storage", "options") and _redact(str(loc[-1]), 1) != 1)
             shown = "" if secret else f" (got {_redact_input(error.get('input'))!r})"
-            lines.append(f"'{key}': {message}{shown}")
+            lines.append(f"'{key}': {message}{shown}" if loc else message)  # a check of the whole config names its key
     return "invalid config: " + "; ".join(lines)

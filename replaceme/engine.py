@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from replaceme.activations import ActivationStore, RowWriter, StoredRows
 from replaceme.config import EngineConfig
@@ -55,6 +54,7 @@ from replaceme.memory import (
     release_freed_memory,
     resolve_budget,
 )
+from replaceme.progress import Progress, progress
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
@@ -222,7 +222,7 @@ class LocalEngine:
             shared.kwargs_bytes += size
         return kwargs
 
-    def run_layers(self, layers: Iterable[int], stream: list[torch.Tensor], bar: tqdm | None = None) -> list[torch.Tensor]:
+    def run_layers(self, layers: Iterable[int], stream: list[torch.Tensor], bar: Progress | None = None) -> list[torch.Tensor]:
         for index in layers:
             stream, _ = self.run_layer(index, stream)
             if bar is not None:
@@ -237,8 +237,8 @@ class LocalEngine:
         for batch_index, (batch, out) in enumerate(zip(self.batches, outputs, strict=True)):
             check_finite(index, out, batch.attention_mask, f" (calibration batch {self.batch_ids[batch_index]})")
 
-    def _bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="layer", disable=not self.progress, leave=False)
+    def _bar(self, total: int, desc: str) -> Progress:
+        return progress(total=total, desc=desc, unit="layer", disable=not self.progress)
 
     # --- chunks ------------------------------------------------------------------------------
 
@@ -325,7 +325,7 @@ class LocalEngine:
         return {(s, s + block_size): CandidateStats.zeros(hidden, self.model.device, weighted=weighted)
                 for s in range(1, count + 1)}
 
-    def _profile_chunk(self, angles: AngleSums, candidates: dict[Block, CandidateStats] | None, bar: tqdm) -> None:
+    def _profile_chunk(self, angles: AngleSums, candidates: dict[Block, CandidateStats] | None, bar: Progress) -> None:
         n, size = self.model.num_layers, angles.block_size
         window: deque[tuple[list[torch.Tensor], list[torch.Tensor] | None]] = deque()  # rows of h (and X) per layer
         stream = self.embed()
@@ -406,7 +406,7 @@ class LocalEngine:
         return results
 
     def _sweep(self, blocks: list[Block], sums: dict[Block, _BlockSums], transforms: dict[Block, torch.Tensor],
-               bar: tqdm, *, fold: bool, state: _Sweep | None = None) -> _Sweep:
+               bar: Progress, *, fold: bool, state: _Sweep | None = None) -> _Sweep:
         """Run this chunk through ``blocks`` in order: a block with a map in ``transforms`` is folded
         in (the stream becomes the pruned model's); any other is captured into ``sums``, after which
         the stream goes on unpruned, or (``fold``) the sweep stops there until its map is solved."""

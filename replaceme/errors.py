@@ -8,3 +8,7 @@ and says what to do. The CLI prints the message alone, without a traceback.
 
 class ReplaceMeError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupt whose message says what state it left behind."""

@@ -11,10 +11,13 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from replaceme import __version__
 from replaceme.checkpoint import INDEX_FILE, Checkpoint
+
+if TYPE_CHECKING:
+    from replaceme.config import ReplaceMeConfig
 
 PIPELINE_RUN_ENV = "REPLACEME_PIPELINE_RUN_ID"  # set by the Kubeflow steps (ops/)
 GIT_COMMIT_ENV = "REPLACEME_GIT_COMMIT"  # set in the container image, which has no .git
@@ -53,6 +56,45 @@ def _git_commit() -> str | None:
     if done.returncode != 0:
         return None
     return done.stdout.strip() or None
+
+
+def ray_job_id() -> str | None:
+    """The Ray job this process is the driver of (``ray job submit``, a RayJob), else None: the job
+    supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR for the entrypoint; Ray's workers carry RAY_JOB_ID."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if config:
+        try:
+            submission = json.loads(config).get("metadata", {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            submission = None
+        return submission or "unknown"
+    return os.environ.get("RAY_JOB_ID") or None
+
+
+def ray_job_warnings(config: ReplaceMeConfig, tracking: str | None = None) -> list[str]:
+    """Inside a Ray job, what the run would write into the job's temporary working directory (which
+    Ray removes with the job): output settings given as relative paths, and ``tracking`` (the run's
+    MLflow tracking URI, when it records one) when it is a store at a relative path."""
+    job = ray_job_id()
+    if job is None:
+        return []
+    where = f"inside Ray job {job} the working directory {os.getcwd()} is the job's temporary folder, removed with it"
+    warnings = [f"{key}: {path!r} is a relative path: {where}; set {key} to a URI (s3://…) or an absolute path on "
+                "storage that outlives the job" for key, path in config._relative_outputs.items()]
+    if tracking is not None and _relative_store(tracking):
+        warnings.append(f"mlflow.tracking_uri: the MLflow store {tracking} is a relative path: {where}; set "
+                        "mlflow.tracking_uri (or $MLFLOW_TRACKING_URI) to a tracking server, e.g. http://mlflow:5000")
+    return warnings
+
+
+def _relative_store(uri: str) -> bool:
+    """sqlite:///relative.db, file:relative, or a plain relative folder (MLflow takes all three)."""
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(prefix):
+            return not os.path.isabs(uri.removeprefix(prefix))
+    if "://" in uri or uri.split(":")[0] in ("databricks", "databricks-uc", "uc"):  # servers and workspaces
+        return False
+    return not os.path.isabs(os.path.expanduser(uri))
 
 
 def job_ids() -> dict[str, str]:

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from replaceme.checkpoint import (
     DTYPE_NAMES,
@@ -36,6 +35,7 @@ from replaceme.checkpoint import (
     tensor_to_bytes,
 )
 from replaceme.families import Family, family_for, prune_config
+from replaceme.progress import progress as progress_display
 
 Block = tuple[int, int]
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # output.dtype → safetensors name
@@ -102,8 +102,8 @@ def merge_checkpoint(source: Checkpoint, transforms: dict[Block, torch.Tensor], 
     ``shard_size``: the largest output shard in bytes (None: one output shard per source shard);
     ``dtype``: ``source`` or the floating-point dtype of the output weights (see :func:`plan_merge`)."""
     plan = plan_merge(source, transforms, shard_size=shard_size, dtype=dtype)
-    with tqdm(total=sum(s.nbytes for s in plan.shards), desc="merge", unit="B", unit_scale=True,
-              disable=not progress, leave=False) as bar:
+    with progress_display(total=sum(s.nbytes for s in plan.shards), desc="merge", unit="B", unit_scale=True,
+                          disable=not progress) as bar:
         for shard in plan.shards:
             write_shard(source, shard, plan.folds_for(shard), plan.family, out_fs, out_root)
             bar.update(shard.nbytes)

@@ -32,13 +32,24 @@ the config. Every formula is a deliberate, documented estimate:
   ``2 × (weights of the linear layers in the needed layers) × tokens`` + attention
   ``2 × 2 × tokens × max_length × d_attn`` per needed layer (scores QKᵀ and the weighted sum of
   values; d_attn = heads × head_dim, the hidden size for Llama; causal masking not discounted;
-  norms, softmax, activations and biases not counted).
+  norms, softmax, activations and biases not counted). The calibration costs that once per pass
+  over the calibration set (one, or two when the fit needs a second pass). Evaluation: the source's
+  layers and the pruned model's kept layers over the eval tokens (``eval.dataset_size``, else the
+  calibration rows, × the eval max_length), plus both LM heads ``2 × 2 × vocab × hidden × tokens``.
+- Wall time = FLOPs / (devices × peak FLOP/s × MFU). The peak is one device's dense 16-bit tensor
+  peak (its FP32 peak when the pass computes in float32) from ``PEAK_TFLOPS``, for ``--gpu`` or the
+  GPU of the planning machine, or ``--peak-tflops``; MFU (``--mfu``, default 0.4) is the share of
+  that peak the run reaches. Ray: replicas × stages GPUs, the pipelines full; in-process and
+  evaluation: one device. Without a known peak (a CPU) the time is not estimated.
+- The driver's evaluation memory: the evaluate pass above (in the driver for every backend, under
+  ``engine.memory_budget``); lm-eval tasks load the pruned model whole in its checkpoint dtype.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +126,80 @@ class FlopsPlan:
     total: int
 
 
+# One device's peak in TFLOP/s: (dense 16-bit tensor cores, FP32 without tensor cores), from the
+# vendors' data sheets (SXM/OAM parts unless named). Sparsity is not counted.
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 67.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5),
+    "L40S": (362.0, 91.6),
+    "L4": (121.0, 30.3),
+    "A10": (125.0, 31.2),
+    "MI300X": (1307.0, 163.4),
+}
+DEFAULT_MFU = 0.4
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The device the wall time is estimated for."""
+
+    tflops_16bit: float | None  # None: unknown (a CPU, a GPU not in PEAK_TFLOPS, nothing given)
+    tflops_float32: float | None
+    source: str  # where the figure comes from, for the output
+
+
+@dataclass(frozen=True)
+class Duration:
+    name: str
+    flops: float
+    devices: int
+    dtype: str
+    peak_tflops: float | None
+    seconds: float | None
+
+
+@dataclass(frozen=True)
+class WallTime:
+    mfu: float
+    peak: Peak
+    estimates: list[Duration]
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What the driver needs to evaluate: perplexity (the evaluate pass, under the budget) and lm-eval."""
+
+    eval_tokens: int
+    flops: float
+    perplexity_peak_bytes: int | None  # None: no eval.dataset
+    lm_eval_tasks: list[str]
+    lm_eval_model_bytes: int  # the pruned model whole in its checkpoint dtype (0 without tasks)
+
+
+def find_peak(gpu: str | None, peak_tflops: float | None) -> Peak:
+    """The peak of ``--peak-tflops``, else of ``gpu`` (a name from PEAK_TFLOPS, or a device name such as
+    "NVIDIA H100 80GB HBM3"), else unknown."""
+    if peak_tflops is not None:
+        return Peak(peak_tflops, peak_tflops, f"--peak-tflops {peak_tflops:g}")
+    if gpu:
+        words = set(re.split(r"[\s_-]+", gpu.upper()))  # "NVIDIA A100-SXM4-80GB": A100, SXM4, …
+        for known, (half, single) in PEAK_TFLOPS.items():  # "H100 PCIe" before "H100"
+            if set(known.upper().split()) <= words:
+                return Peak(half, single, f"{known} ({gpu}): {half:g} TFLOP/s 16-bit dense, {single:g} FP32")
+        return Peak(None, None, f"{gpu!r} is not in the table ({', '.join(PEAK_TFLOPS)}); pass --peak-tflops")
+    return Peak(None, None, f"unknown: no GPU here; pass --gpu NAME ({', '.join(PEAK_TFLOPS)}) or --peak-tflops N")
+
+
+def local_gpu() -> str | None:
+    """The planning machine's first CUDA device, by name (None without one)."""
+    try:
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except (RuntimeError, AssertionError):
+        return None
+
+
 @dataclass(frozen=True)
 class PassPlan:
     """One pass of the in-process engine under the budget (see :mod:`replaceme.memory`)."""
@@ -170,6 +255,8 @@ class Plan:
     activation_store: StorePlan | None
     flops: FlopsPlan
     in_process: InProcessPlan
+    evaluation: EvaluationPlan | None = None
+    wall_time: WallTime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,16 +374,17 @@ def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block]
 
 
 def plan(config: ReplaceMeConfig, *, tokens: int | None = None, gpus_per_node: int = 8,
-         gpu_memory_gb: float = 80.0) -> Plan:
+         gpu_memory_gb: float = 80.0, mfu: float = DEFAULT_MFU, peak: Peak | None = None) -> Plan:
     """Plan from the config.json at ``config.model_path`` (local folder or fsspec URI)."""
     checkpoint = Checkpoint(config.model_path, storage_options=config.storage_options(config.model_path),
                             allow_pickle=config.allow_pickle)
     return build_plan(checkpoint.config, config, tokens=tokens, gpus_per_node=gpus_per_node,
-                      gpu_memory_gb=gpu_memory_gb)
+                      gpu_memory_gb=gpu_memory_gb, mfu=mfu, peak=peak)
 
 
 def build_plan(model_config: dict[str, Any], config: ReplaceMeConfig, *, tokens: int | None = None,
-               gpus_per_node: int = 8, gpu_memory_gb: float = 80.0) -> Plan:
+               gpus_per_node: int = 8, gpu_memory_gb: float = 80.0, mfu: float = DEFAULT_MFU,
+               peak: Peak | None = None) -> Plan:
     """Plan from an already read config.json (see the module docstring for every formula)."""
     check_estimator(family_for(model_config), config.diag)
     shape = model_shape(model_config)
@@ -310,6 +398,10 @@ def build_plan(model_config: dict[str, Any], config: ReplaceMeConfig, *, tokens:
     batches = math.ceil(rows / config.batch_size)
     shards = math.ceil(batches / e.batches_per_shard)
     stages = _stage_plans(shape, config, blocks, needed, FLOAT_DTYPES[dtype].itemsize, gpu_memory_gb)
+    flops = _flops(shape, needed, total_tokens, config.max_length)
+    in_process = _in_process(shape, config, blocks, needed, batches)
+    evaluation = _evaluation(shape, config, blocks, rows, in_process)
+    wall_time = _wall_time(config, dtype, flops, in_process, evaluation, mfu, peak or find_peak(None, None))
     return Plan(
         model_path=config.model_path, model=shape, compute_dtype=dtype, compute_dtype_reason=reason,
         blocks=blocks, num_blocks=num_blocks, needed_layers=needed, tokens=total_tokens, tokens_source=source,
@@ -318,9 +410,45 @@ def build_plan(model_config: dict[str, Any], config: ReplaceMeConfig, *, tokens:
         gpus_per_node=gpus_per_node, nodes=_nodes(e.replicas * e.stages, e.gpus_per_stage, gpus_per_node),
         gpu_memory_gb=gpu_memory_gb, every_stage_fits=all(s.fits_one_gpu for s in stages),
         activation_store=_store(config, shape.hidden_size, num_blocks, total_tokens, shards),
-        flops=_flops(shape, needed, total_tokens, config.max_length),
-        in_process=_in_process(shape, config, blocks, needed, batches),
+        flops=flops, in_process=in_process, evaluation=evaluation, wall_time=wall_time,
     )
+
+
+def _evaluation(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] | None, rows: int,
+                in_process: InProcessPlan) -> EvaluationPlan | None:
+    e = config.eval
+    if e is None:
+        return None
+    removed = sum(end - start for start, end in blocks) if blocks else config.num_A * config.layers_to_skip
+    kept = shape.num_layers - removed
+    length = e.max_length or config.max_length
+    tokens = (e.dataset_size or rows) * length if e.dataset is not None else 0
+    matmul = 2 * (sum(shape.layer_matmul_params) + sum(sorted(shape.layer_matmul_params)[:kept])) * tokens
+    attention = 2 * 2 * tokens * length * shape.attention_width * (shape.num_layers + kept)
+    heads = 2 * 2 * shape.embedding_params * tokens  # source and pruned LM heads, vocab × hidden each
+    peak = next((p.peak_bytes for p in in_process.passes if p.name == "evaluate"), None)
+    itemsize = FLOAT_DTYPES[shape.checkpoint_dtype].itemsize if shape.checkpoint_dtype in FLOAT_DTYPES else 2
+    model_bytes = (2 * shape.embedding_params + sum(sorted(shape.layer_params)[:kept])) * itemsize
+    return EvaluationPlan(tokens, matmul + attention + heads, peak, list(e.lm_eval_tasks),
+                          model_bytes if e.lm_eval_tasks else 0)
+
+
+def _wall_time(config: ReplaceMeConfig, ray_dtype: str, flops: FlopsPlan, in_process: InProcessPlan,
+               evaluation: EvaluationPlan | None, mfu: float, peak: Peak) -> WallTime:
+    passes = sum(1 for p in in_process.passes if p.name != "evaluate")
+    e = config.engine
+    runs: list[tuple[str, float, int, str]] = []
+    if e.backend == "ray" and e.gpus_per_stage > 0:
+        runs.append(("calibration on Ray", passes * flops.total, e.replicas * e.stages, ray_dtype))
+    runs.append(("calibration in-process", passes * flops.total, 1, in_process.compute_dtype))
+    if evaluation is not None and evaluation.flops:
+        runs.append(("evaluation in the driver", evaluation.flops, 1, in_process.compute_dtype))
+    estimates = []
+    for name, total, devices, dtype in runs:
+        tflops = peak.tflops_float32 if dtype == "float32" else peak.tflops_16bit
+        seconds = total / (devices * tflops * 1e12 * mfu) if tflops else None
+        estimates.append(Duration(name, total, devices, dtype, tflops, seconds))
+    return WallTime(mfu, peak, estimates)
 
 
 def _blocks(config: ReplaceMeConfig, num_layers: int) -> tuple[list[Block] | None, int, int]:
@@ -390,7 +518,7 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
             rows = fitted * batches * config.batch_size * config.max_length * h * 3 * 4 * 2
         passes.append(("calibrate", layer_bytes[:needed], batches, config.batch_size, config.max_length,
                        CALIBRATION_STATES, fitted * accumulators + rows + embedding, 0))
-    if config.eval is not None:
+    if config.eval is not None and config.eval.dataset is not None:
         e = config.eval
         removed = sum(end - start for start, end in blocks) if blocks else config.num_A * config.layers_to_skip
         eval_batches = math.ceil((e.dataset_size or batches * config.batch_size) / (e.batch_size or config.batch_size))
@@ -476,8 +604,43 @@ def format_plan(result: Plan) -> str:
         f"+ attention {p.flops.attention:.3e} (4 × tokens × max_length × d_attn {m.attention_width} × {p.needed_layers} layers)",
         "",
         *_format_in_process(p.in_process),
+        *_format_evaluation(p.evaluation),
+        *_format_wall_time(p.wall_time),
     ]
     return "\n".join(lines)
+
+
+def _format_evaluation(e: EvaluationPlan | None) -> list[str]:
+    if e is None:
+        return ["driver       no evaluation (no eval section)"]
+    perplexity = (f"perplexity over {e.eval_tokens:,} eval tokens, peak ≈ {gib(e.perplexity_peak_bytes)} (the evaluate "
+                  "pass above, under engine.memory_budget)" if e.perplexity_peak_bytes is not None else "no perplexity")
+    lines = [f"driver       evaluation runs in the driver for every backend: {perplexity}"]
+    if e.lm_eval_tasks:
+        lines.append(f"             lm-eval ({', '.join(e.lm_eval_tasks)}) loads the pruned model whole: "
+                     f"{gib(e.lm_eval_model_bytes)} of weights in the checkpoint dtype, plus lm-eval's batches")
+    return lines
+
+
+def _format_wall_time(w: WallTime | None) -> list[str]:
+    if w is None:
+        return []
+    lines = [f"wall time    at MFU {w.mfu:g} (--mfu, default {DEFAULT_MFU:g}); peak: {w.peak.source}"]
+    for d in w.estimates:
+        time = _duration(d.seconds) if d.seconds is not None else "unknown"
+        per = f"{d.peak_tflops:g} TFLOP/s {'FP32' if d.dtype == 'float32' else '16-bit'}" if d.peak_tflops else "no peak"
+        lines.append(f"  {d.name:<26} {time:>10}  ({d.flops:.3e} FLOPs on {d.devices} device(s), {per})")
+    lines.append("             = FLOPs / (devices × peak × MFU); reading weights and data, Ray's transfers and the "
+                 "solve are not counted")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _format_in_process(plan: InProcessPlan) -> list[str]:

@@ -124,13 +124,13 @@ class Context:
     @cached_property
     def eval_texts(self) -> list[str] | None:
         e = self.config.eval
-        if e is None:
+        if e is not None and e.lm_eval_tasks:
+            _require_lm_eval()
+            self._check_lm_eval_fits()
+        if e is None or e.dataset is None:
             return None
         texts = load_texts(e.dataset, column=e.dataset_column, split=e.dataset_subset, size=e.dataset_size,
                            tokenizer=self.tokenizer, field="eval.dataset", storage_options=self.config.storage_options(e.dataset))
-        if e.lm_eval_tasks:
-            _require_lm_eval()
-            self._check_lm_eval_fits()
         return texts
 
     def _check_lm_eval_fits(self) -> None:
@@ -263,7 +263,7 @@ class Context:
         the identity calibrate recorded (else the texts are read now); ``evaluated``: the eval texts were used."""
         c = self.config
         data = {"calibration": calibration or lineage.dataset_identity(c.dataset, self.texts)}
-        if evaluated and c.eval is not None and self.eval_texts is not None:
+        if evaluated and c.eval is not None and c.eval.dataset is not None and self.eval_texts is not None:
             data["evaluation"] = lineage.dataset_identity(c.eval.dataset, self.eval_texts)
         store = self._activation_store
         stores = {"statistics": store.location if store else f"{c.output_dir.rstrip('/')}/calibration"}
@@ -514,8 +514,9 @@ def write_card(ctx: Context, out: OutputDir, folder: str | None = None, metrics:
     readme = next((name for name in ctx.checkpoint.files() if name.lower() == "readme.md"), None)
     source_card = ctx.checkpoint.read_text(readme) if readme else None
     evaluation = None
-    if metrics and ctx.config.eval is not None and ctx.eval_texts is not None:
-        evaluation = lineage.dataset_identity(ctx.config.eval.dataset, ctx.eval_texts)
+    e = ctx.config.eval
+    if metrics and e is not None and e.dataset is not None and ctx.eval_texts is not None:
+        evaluation = lineage.dataset_identity(e.dataset, ctx.eval_texts)
     text = card.render_card(ctx.config, num_layers=ctx.num_layers, blocks=blocks, source_uri=ctx.model_uri,
                             source_card=source_card, calibration=calibration, solver=solver, metrics=metrics,
                             evaluation=evaluation, command=card.command_line())
@@ -530,7 +531,7 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
     from ``eval.cache`` when it was computed on these weights, eval batches and settings, else
     computed and stored there (see :mod:`replaceme.evalcache`)."""
     if ctx.eval_texts is None:
-        return {}
+        return _lm_eval_metrics(ctx, out, {})
     # The layers before the first fold target are the source's, byte for byte: run them once for both.
     shared = min(s for s, _ in required_blocks(out)) - 1
     budget = ctx.config.engine.memory_budget
@@ -554,6 +555,11 @@ def evaluate(ctx: Context, out: OutputDir) -> dict[str, Any]:
                          cache.entry_uri(key) if cache is not None and key else "the cache")
     metrics: dict[str, Any] = {"perplexity_before": before, "perplexity_before_cached": cached is not None,
                                "perplexity_after": after, "retention": before / after, "eval_tokens": tokens}
+    return _lm_eval_metrics(ctx, out, metrics)
+
+
+def _lm_eval_metrics(ctx: Context, out: OutputDir, metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with lm-eval's results on the pruned model added, when tasks are set."""
     e = ctx.config.eval
     if e is not None and e.lm_eval_tasks:
         with ctx.timed("lm_eval"), local_path(out, "model") as folder:
@@ -897,6 +903,13 @@ def run_step(config: ReplaceMeConfig, name: str, *, progress: bool = True, comma
              force: bool = False, protect: bool = False) -> Outcome:
     """One step in place on the config's output folder, holding it for the step's duration (the
     CLI's step commands and the pipeline steps in ``ops/``); see :class:`StepRunner`."""
+    tracking = None
+    if name == "register" and config.mlflow.enabled:
+        from replaceme.tracking import tracking_uri
+
+        tracking = tracking_uri(config.mlflow)
+    for warning in lineage.ray_job_warnings(config, tracking):  # outputs that would vanish with a Ray job's folder
+        log.warning("%s", warning)
     with claim_in_place(config.output_dir, storage_options=config.storage_options(config.output_dir)) as out:
         runner = StepRunner(config, out, progress=progress, command=command, force=force, protect=protect)
         try:

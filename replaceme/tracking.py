@@ -39,7 +39,10 @@ REPORT_DIGEST_TAG = "replaceme.report_digest"
 
 
 class TrackingError(ReplaceMeError):
-    """Recording in MLflow failed; the outputs themselves are complete."""
+    """Recording in MLflow failed; the outputs themselves are complete (``result``: the
+    :class:`~replaceme.api.PruneResult` of a run whose record failed, set by :func:`replaceme.prune`)."""
+
+    result: Any = None
 
 
 def tracking_uri(settings: MlflowConfig) -> str:
@@ -560,6 +563,7 @@ def _serve() -> None:
     os.nice(19)  # the run comes first
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run decides, and cancels this process
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("replaceme").setLevel(os.environ.get("REPLACEME_LOG_LEVEL", "INFO"))  # the command's --log-level
     from replaceme.config import validate_config
 
     tracker = Tracker(validate_config(json.loads(sys.stdin.readline())))

@@ -26,6 +26,66 @@ def test_reference_keys_are_accepted(tmp_path):
     assert "hf_secret" not in repr(config)
 
 
+# The keys of the reference's own configs (reproduce/*.yaml, examples/*.yaml in mts-ai/ReplaceMe), written here
+REFERENCE_CONFIG = """
+method: "lstsq"
+model_path: "m"
+dataset: "d.jsonl"
+dataset_column: "text"
+batch_size: 8
+max_length: 1024
+layers_to_skip: 8
+dataset_size: 4000
+dataset_subset: "train"
+use_4bit: True
+save_path: null
+min_distance_layer: 20
+token: null
+save_transform_only: True
+distances_path: "./distances.csv"
+num_A: 1
+merge_consecutive: True
+activations_save_path: "./activations.pt"
+solver: "adam"
+loss: "cosine"
+diag: False
+two_vectors: False
+thri: False
+accurate: False
+alpha: 0
+tasks:
+  arc_easy: 0
+  hellaswag: 10
+  mmlu: 5
+limit: 100
+"""
+
+
+def test_a_reference_config_is_accepted_with_one_warning_for_what_is_moot(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref.yaml").write_text(REFERENCE_CONFIG)
+    with caplog.at_level("WARNING", logger="replaceme"):
+        config = load_config(tmp_path / "ref.yaml")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "use_4bit (" in warning and "activations_save_path (" in warning and "4-bit loading is unnecessary" in warning
+    assert config.output_dir == str(tmp_path / "outputs" / "run")  # save_path: null is the default output folder
+    assert config.layers_to_skip == 8 and config.min_distance_layer == 20 and config.save_transform_only
+    assert config.eval is not None and config.eval.dataset is None  # lm-eval tasks only, no perplexity
+    assert config.eval.lm_eval_tasks == {"arc_easy": 0, "hellaswag": 10, "mmlu": 5}  # task -> few-shot count
+    assert config.eval.lm_eval_limit == 100
+    assert "use_4bit" not in config.public_dict() and "two_vectors" not in config.public_dict()
+
+
+def test_reference_keys_that_ask_for_nothing_are_silent(caplog):
+    with caplog.at_level("WARNING", logger="replaceme"):
+        config = validate_config({**BASE, "use_4bit": False, "activations_save_path": None, "two_vectors": False,
+                                  "thri": False, "accurate": False, "output_dir": None,
+                                  "eval": "e.jsonl", "tasks": ["piqa", "boolq"]})
+    assert not caplog.records
+    assert config.eval is not None and config.eval.dataset == "e.jsonl" and config.eval.lm_eval_tasks == ["piqa", "boolq"]
+    assert config.eval.lm_eval_limit is None
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = write_config(tmp_path / "c.yaml", **BASE, eval="e.jsonl")
     config = load_config(path, ["blocks=[[6,9]]", "alpha=0.1", "output_dir=/tmp/x", "eval.max_length=64", "cosine.steps=5"])
@@ -41,7 +101,9 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     ({"blocks": [[2, 5], [4, 6]]}, "[2, 5] and [4, 6] overlap"),
     ({"blocks": [[0, 3]]}, "must start at layer 1 or later"),
     ({"blocks": [[5, 5]]}, "is empty"),
-    ({"use_4bit": True}, "remove use_4bit"),
+    ({"two_vectors": True}, "invalid config: 'two_vectors: true' selects a variant of the reference's method"),
+    ({"thri": True}, "Remove thri or set it to false"),
+    ({"accurate": "yes"}, "'accurate: \"yes\"'"),
     ({"batch_size": 0}, "'batch_size'"),
 ])
 def test_invalid_values_name_the_key(change, message):

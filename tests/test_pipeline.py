@@ -175,7 +175,7 @@ def test_the_rayjob_runs_the_ops_step_from_the_cluster_manifest():
     job = rayjob_for_step("calibrate", config_uri="s3://bucket/run/config.yaml", output_uri="s3://bucket/run",
                           pipeline_run_id="run-7", namespace="ml")
     assert shlex.split(job["spec"]["entrypoint"]) == [
-        "python", "-m", "ops.calibrate", "--quiet", "--config", "s3://bucket/run/config.yaml", "--output",
+        "python", "-m", "ops.calibrate", "--config", "s3://bucket/run/config.yaml", "--output",
         "s3://bucket/run", "--set", "engine.backend=ray", "--set", "engine.address=auto", "--pipeline-run-id", "run-7"]
     name = job["metadata"]["name"]
     assert re.fullmatch(r"replaceme-calibrate-[0-9a-f]{10}", name) and len(name) <= RAYJOB_NAME_MAX

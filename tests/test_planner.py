@@ -245,3 +245,53 @@ def test_plan_counts_the_rows_cosine_keeps_in_memory(tmp_path, tiny_llama):
                                       ).in_process.passes}["calibrate"]
     hidden = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
     assert cosine.fixed_bytes - stored.fixed_bytes == 24 * 32 * hidden * 3 * 4 * 2  # 24 texts of 32 tokens
+
+
+def test_wall_time_at_a_stated_mfu_and_the_drivers_evaluation_needs(model_dir):
+    from replaceme.planner import find_peak
+
+    c = config(model_dir, blocks=[[50, 60]], dataset_size=2048, max_length=512, batch_size=8,
+               engine=dict(backend="ray", replicas=2, stages=3, gpus_per_stage=1),
+               eval=dict(dataset="never-read.jsonl", dataset_size=256, lm_eval_tasks=["piqa"]))
+    p = plan(c, mfu=0.5, peak=find_peak("NVIDIA H100 80GB HBM3", None))
+    ray, local, evaluation = p.wall_time.estimates
+    assert (ray.name, ray.devices, ray.peak_tflops) == ("calibration on Ray", 6, 989.0)  # bf16 on the GPU stages
+    assert ray.flops == p.flops.total  # explicit blocks: one pass
+    assert ray.seconds == pytest.approx(p.flops.total / (6 * 989e12 * 0.5))
+    assert (local.devices, local.dtype, local.peak_tflops) == (1, "float32", 67.0)  # in-process auto: float32
+    assert local.seconds == pytest.approx(p.flops.total / (67e12 * 0.5))
+
+    tokens = 256 * 512
+    e = p.evaluation
+    assert e.eval_tokens == tokens
+    # the source's 80 layers and the pruned model's 70, then both LM heads
+    assert e.flops == 2 * (80 + 70) * LINEAR * tokens + 2 * 2 * tokens * 512 * H * 150 + 2 * 2 * EMBEDDINGS * tokens
+    assert evaluation.seconds == pytest.approx(e.flops / (67e12 * 0.5))
+    assert e.perplexity_peak_bytes == p.in_process.passes[-1].peak_bytes and p.in_process.passes[-1].name == "evaluate"
+    assert e.lm_eval_model_bytes == (2 * EMBEDDINGS + 70 * LAYER) * BF16  # the pruned model whole, in bf16
+
+
+@pytest.mark.parametrize("name, known", [("H100", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                                         ("AMD Instinct MI300X", "MI300X"), ("NVIDIA L40S", "L40S"), ("NVIDIA A10G", None)])
+def test_peaks_of_known_gpus(name, known):
+    from replaceme.planner import PEAK_TFLOPS, find_peak
+
+    peak = find_peak(name, None)
+    assert peak.tflops_16bit == (PEAK_TFLOPS[known][0] if known else None)
+    assert find_peak(name, 123.0).tflops_16bit == 123.0  # --peak-tflops wins
+
+
+def test_plan_prints_the_wall_time_or_says_it_is_unknown(model_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("replaceme.planner.local_gpu", lambda: None)  # plan as on a CPU machine
+    path = write_config(tmp_path / "job.yaml", model_path=str(model_dir), dataset="never-read.jsonl",
+                        dataset_size=64, max_length=512, blocks=[[50, 60]], eval="never-read.jsonl")
+    assert main(["plan", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "wall time    at MFU 0.4 (--mfu, default 0.4); peak: unknown: no GPU here; pass --gpu NAME" in out
+    assert "calibration in-process" in out and "unknown" in out
+    assert "driver       evaluation runs in the driver for every backend: perplexity over 32,768 eval tokens" in out
+    assert main(["plan", "--config", str(path), "--gpu", "a100", "--mfu", "0.25", "--set", "device=cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "at MFU 0.25" in out and "A100 (a100): 312 TFLOP/s 16-bit dense" in out and "312 TFLOP/s 16-bit)" in out
+    assert main(["plan", "--config", str(path), "--mfu", "1.5"]) == 2
+    assert "--mfu: 1.5 is a share of the peak" in capsys.readouterr().err

@@ -21,7 +21,7 @@ pytest.importorskip("ray")
 @pytest.mark.slow
 def test_quickstart_as_a_ray_job(tmp_path, ray_head):
     out = tmp_path / "job-out"
-    entrypoint = [sys.executable, "-m", "replaceme", "run", "--config", "examples/quickstart.yaml", "--quiet",
+    entrypoint = [sys.executable, "-m", "replaceme", "run", "--config", "examples/quickstart.yaml",  # progress on
                   "--set", "engine.backend=ray", "--set", "engine.replicas=2", "--set", f"output_dir={out}",
                   "--set", "dataset_size=64"]
     deadline = time.monotonic() + 240
@@ -36,6 +36,10 @@ def test_quickstart_as_a_ray_job(tmp_path, ray_head):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout
     assert "removed blocks" in result.stdout  # the job's own summary, streamed back by `ray job submit`
+    # the job's stderr is no terminal: progress comes as log lines (percent, rate, ETA), not tqdm bars
+    assert "%|" not in result.stdout + result.stderr
+    assert any(line.startswith("INFO profile:") and "shard/s" in line and "ETA" in line
+               for line in result.stdout.splitlines()), result.stdout[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["removed_fraction"] == 0.25 and report["retention"] > 0.9
     assert report["config"]["engine"]["backend"] == "ray"

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from replaceme.activations import StoredRows
 from replaceme.config import EngineConfig
@@ -46,6 +45,7 @@ from replaceme.engine import BlockCapture, Estimator, Profile, angle_sums
 from replaceme.errors import ReplaceMeError
 from replaceme.memory import free_bytes, gib
 from replaceme.planner import layer_weights, model_shape, split_stages
+from replaceme.progress import progress
 from replaceme.stats import BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
@@ -249,8 +249,8 @@ class RayEngine:
         done: list[_Shard] = []
         pending: dict[ObjectRef, tuple[_Pipeline, _Shard]] = {}  # outstanding ref → (pipeline, shard)
         per_pipeline = self._shards_per_pipeline()
-        with tqdm(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
-                  unit="shard", disable=not self.progress, leave=False) as bar:
+        with progress(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
+                      unit="shard", disable=not self.progress) as bar:
             while queue or pending:
                 for pipeline in sorted(pipelines, key=lambda p: p.running):
                     if queue and pipeline.running < per_pipeline:

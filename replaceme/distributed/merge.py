@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from replaceme.checkpoint import Checkpoint
 from replaceme.distributed.cluster import require_ray
 from replaceme.errors import ReplaceMeError
 from replaceme.families import Family
 from replaceme.merge import Block, ShardPlan, finish_merge, plan_merge, write_shard
+from replaceme.progress import progress as progress_display
 from replaceme.storage import filesystem, fsspec_options
 
 
@@ -86,8 +86,8 @@ def merge_on_ray(source_uri: str, transforms: dict[Block, torch.Tensor], out_uri
         # starts last while the other workers idle.
         shards = sorted(plan.shards, key=lambda s: (bool(plan.folds_for(s)), s.nbytes), reverse=True)
         jobs = [(shard, plan.folds_for(shard)) for shard in shards]
-        with tqdm(total=sum(s.nbytes for s in shards), desc="merge", unit="B", unit_scale=True,
-                  disable=not progress, leave=False) as bar:
+        with progress_display(total=sum(s.nbytes for s in shards), desc="merge", unit="B", unit_scale=True,
+                              disable=not progress) as bar:
             for report in _run(ray, task, where, jobs, workers=workers, timeout_s=timeout_s,
                                cpus_per_worker=cpus_per_worker):
                 bar.update(report.nbytes)
