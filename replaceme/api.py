@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from replaceme.config import ReplaceMeConfig, read_yaml, validate_config
 from replaceme.errors import Interrupted
+from replaceme.lineage import warn_about_ray_job_paths
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,7 @@ def prune(config: ReplaceMeConfig | str | Path | Mapping[str, Any] | None = None
     from replaceme import recipe
 
     resolved = resolve_config(config, settings)
-    warn_outside_ray_job(resolved, tracked=True)
+    warn_about_ray_job_paths(resolved, tracked=True)
     tracker = _tracker(resolved)  # opens MLflow in a child process while the run computes
     try:
         report = recipe.run(resolved, progress=progress, on_step=on_step or (lambda step: log.info("step: %s", step)))
@@ -126,20 +127,6 @@ def _merged(base: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
         else:
             merged[key] = value
     return merged
-
-
-def warn_outside_ray_job(config: ReplaceMeConfig, *, tracked: bool) -> None:
-    """Inside a Ray job, warn (first thing in the job's log) about outputs or an MLflow store at a
-    relative path: they would land in the job's temporary working directory and vanish with it."""
-    from replaceme.lineage import ray_job_warnings
-
-    tracking = None
-    if tracked and config.mlflow.enabled:
-        from replaceme.tracking import tracking_uri
-
-        tracking = tracking_uri(config.mlflow)
-    for warning in ray_job_warnings(config, tracking):
-        log.warning("%s", warning)
 
 
 def _tracker(config: ReplaceMeConfig) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -18,6 +19,8 @@ from replaceme.checkpoint import INDEX_FILE, Checkpoint
 
 if TYPE_CHECKING:
     from replaceme.config import ReplaceMeConfig
+
+log = logging.getLogger("replaceme")
 
 PIPELINE_RUN_ENV = "REPLACEME_PIPELINE_RUN_ID"  # set by the Kubeflow steps (ops/)
 GIT_COMMIT_ENV = "REPLACEME_GIT_COMMIT"  # set in the container image, which has no .git
@@ -85,6 +88,18 @@ def ray_job_warnings(config: ReplaceMeConfig, tracking: str | None = None) -> li
         warnings.append(f"mlflow.tracking_uri: the MLflow store {tracking} is a relative path: {where}; set "
                         "mlflow.tracking_uri (or $MLFLOW_TRACKING_URI) to a tracking server, e.g. http://mlflow:5000")
     return warnings
+
+
+def warn_about_ray_job_paths(config: ReplaceMeConfig, *, tracked: bool) -> None:
+    """Log :func:`ray_job_warnings` (first thing in the job's log), with the MLflow store when the
+    command records a run (``tracked``)."""
+    tracking = None
+    if tracked and config.mlflow.enabled:
+        from replaceme.tracking import tracking_uri
+
+        tracking = tracking_uri(config.mlflow)
+    for warning in ray_job_warnings(config, tracking):
+        log.warning("%s", warning)
 
 
 def _relative_store(uri: str) -> bool:

@@ -903,13 +903,7 @@ def run_step(config: ReplaceMeConfig, name: str, *, progress: bool = True, comma
              force: bool = False, protect: bool = False) -> Outcome:
     """One step in place on the config's output folder, holding it for the step's duration (the
     CLI's step commands and the pipeline steps in ``ops/``); see :class:`StepRunner`."""
-    tracking = None
-    if name == "register" and config.mlflow.enabled:
-        from replaceme.tracking import tracking_uri
-
-        tracking = tracking_uri(config.mlflow)
-    for warning in lineage.ray_job_warnings(config, tracking):  # outputs that would vanish with a Ray job's folder
-        log.warning("%s", warning)
+    lineage.warn_about_ray_job_paths(config, tracked=name == "register")  # outputs that would vanish with the job
     with claim_in_place(config.output_dir, storage_options=config.storage_options(config.output_dir)) as out:
         runner = StepRunner(config, out, progress=progress, command=command, force=force, protect=protect)
         try:
