@@ -71,8 +71,10 @@ def _redact_argument(argument: str) -> str:
 def render_card(config: ReplaceMeConfig, *, num_layers: int, blocks: Sequence[tuple[int, int]], source_uri: str,
                 source_card: str | None = None, calibration: dict[str, Any] | None = None,
                 solver: Sequence[dict[str, Any]] | None = None, metrics: dict[str, Any] | None = None,
-                evaluation: dict[str, Any] | None = None, command: str | None = None) -> str:
-    """The card's text. ``calibration``: the calibrate step's record (data identity and tokens);
+                evaluation: dict[str, Any] | None = None, command: str | None = None,
+                criterion: str | None = None) -> str:
+    """The card's text. ``criterion``: what chose the blocks (selection.json's ``residual`` or ``distance``);
+    ``calibration``: the calibrate step's record (data identity and tokens);
     ``solver``: per-block residuals; ``metrics``: what evaluate measured (None: not evaluated),
     ``evaluation``: the eval data's identity; ``source_card``: the source's README.md."""
     source_meta, source_body = split_front_matter(source_card) if source_card else ({}, "")
@@ -95,7 +97,7 @@ def render_card(config: ReplaceMeConfig, *, num_layers: int, blocks: Sequence[tu
              "a small calibration set with no training and folded into the weights of the layer before the cut. "
              "It is an ordinary checkpoint of the same architecture with fewer layers; it loads with "
              "`AutoModelForCausalLM.from_pretrained` and needs no custom code.", ""]
-    lines += _pruning_section(config, num_layers, blocks, source_uri, calibration, solver)
+    lines += _pruning_section(config, num_layers, blocks, source_uri, calibration, solver, criterion)
     lines += _evaluation_section(metrics, evaluation)
     lines += _provenance_section(config, command)
     if source_body.strip():
@@ -107,10 +109,13 @@ def render_card(config: ReplaceMeConfig, *, num_layers: int, blocks: Sequence[tu
 
 
 def _pruning_section(config: ReplaceMeConfig, num_layers: int, blocks: Sequence[tuple[int, int]], source_uri: str,
-                     calibration: dict[str, Any] | None, solver: Sequence[dict[str, Any]] | None) -> list[str]:
+                     calibration: dict[str, Any] | None, solver: Sequence[dict[str, Any]] | None,
+                     criterion: str | None) -> list[str]:
     c = config
+    score = {"residual": "the residual their least-squares maps leave (per token, relative to the stream)",
+             "distance": "angular distance"}.get(criterion or "", "the profile in distances.csv")
     chosen = "named in the config" if c.blocks else (
-        f"chosen by angular distance: the {c.num_A} lowest-distance non-overlapping blocks of {c.layers_to_skip} "
+        f"chosen by {score}: the {c.num_A} lowest-scoring non-overlapping blocks of {c.layers_to_skip} "
         f"layers{', touching ones merged' if c.merge_consecutive else ''}")
     method = {"lstsq": "least squares (ridge)", "cosine": f"cosine-distance objective ({c.solver}, {c.loss} loss)"}[c.method]
     rows = [("Source model", f"`{_display(source_uri)}`"),

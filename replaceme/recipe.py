@@ -517,9 +517,10 @@ def write_card(ctx: Context, out: OutputDir, folder: str | None = None, metrics:
     e = ctx.config.eval
     if metrics and e is not None and e.dataset is not None and ctx.eval_texts is not None:
         evaluation = lineage.dataset_identity(e.dataset, ctx.eval_texts)
+    criterion = json.loads(out.read_text(SELECTION))["criterion"] if out.exists(SELECTION) else None
     text = card.render_card(ctx.config, num_layers=ctx.num_layers, blocks=blocks, source_uri=ctx.model_uri,
                             source_card=source_card, calibration=calibration, solver=solver, metrics=metrics,
-                            evaluation=evaluation, command=card.command_line())
+                            evaluation=evaluation, command=card.command_line(), criterion=criterion)
     if folder is None:
         out.write_text(f"model/{card.CARD_FILE}", text)
     else:

@@ -74,13 +74,14 @@ def test_recorded_residuals_are_the_candidates_statistics_residuals(tmp_path):
     assert all(recorded[b] == pytest.approx(v, rel=1e-7) for b, v in expected.items())
 
 
-def test_the_report_records_the_selection(tmp_path):
+def test_the_report_and_the_model_card_record_the_selection(tmp_path):
     report = recipe.run(config_for(tmp_path, "out", save_transform_only=False,
                                    eval={"dataset": str(EVAL), "dataset_size": 8, "max_length": 64, "cache": False}),
                         progress=False)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["selection"]["criterion"] == "residual"
     assert saved["selection"]["blocks_by_criterion"]["residual"] == saved["blocks"] == report["blocks"]
+    assert "chosen by the residual their least-squares maps leave" in (tmp_path / "out" / "model" / "README.md").read_text()
 
 
 def test_residual_selection_falls_back_to_distance_when_the_statistics_are_not_gathered(tmp_path, monkeypatch,
