@@ -141,6 +141,17 @@ def test_the_distances_page_embeds_the_plot_and_the_table(tmp_path, tiny_llama):
         (tmp_path / "out" / "blocks.json").read_text())
 
 
+def test_with_the_blocks_given_the_page_says_no_profile_was_measured(tmp_path, tiny_llama):
+    config = str(write_config(tmp_path / "job.yaml", model_path=str(tiny_llama), dataset=str(CALIB), max_length=32,
+                              dataset_size=8, blocks=[[2, 4]], output_dir=str(tmp_path / "out")))
+    profile(config)
+    page = Artifact(path=str(tmp_path / "distances.html"))
+    write_distances_page(config, str(tmp_path / "out"), page)
+    text = Path(page.path).read_text()
+    assert "No distance profile: the config names the blocks to remove." in text and "<img" not in text
+    assert page.metadata["blocks"] == [[2, 4]]
+
+
 class Artifact:
     """What a kfp output artifact offers the steps: a local path, a URI, metadata, log_metric."""
 
