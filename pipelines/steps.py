@@ -97,3 +97,61 @@ def run_as_rayjob(step: str, *, config_uri: str, output_uri: str, pipeline_run_i
         raise ReplaceMeError(f"{step}: the RayJob succeeded but {output_uri}/steps/{step}.json is missing or stale; "
                              "see the RayJob's logs")
     return config_uri
+
+
+# --- what the KFP UI shows: typed outputs filled from the output folder ---------------------------
+# The artifacts are kfp.dsl objects (HTML, Model, Metrics) handed in by the component bodies; only
+# their path / uri / metadata / log_metric are used here, so this module does not import kfp.
+
+EVALUATION_METRICS = ("perplexity_before", "perplexity_after", "retention", "removed_fraction", "removed_layers")
+
+
+def write_distances_page(config_uri: str, output_uri: str, page: Any) -> None:
+    """Write the profile's distance plot (distances.png, embedded) and table (distances.csv) as one
+    HTML page at ``page.path``; with the blocks given in the config, a page saying so."""
+    import base64
+    import csv
+    import html
+    import io
+
+    out = output_dir(load_step_config(config_uri, output=output_uri))
+    blocks = json.loads(out.read_text("blocks.json")) if out.exists("blocks.json") else None
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><title>replaceme: block distances</title>",
+             "<style>body{font-family:sans-serif} table{border-collapse:collapse} "
+             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>",
+             "<h2>Block distances</h2>", f"<p>Blocks removed: {html.escape(json.dumps(blocks))}</p>"]
+    if out.exists("distances.png"):
+        image = base64.b64encode(out.read_bytes("distances.png")).decode()
+        parts.append(f"<img alt='distances' style='max-width:100%' src='data:image/png;base64,{image}'>")
+    if out.exists("distances.csv"):
+        rows = list(csv.reader(io.StringIO(out.read_text("distances.csv"))))
+        header, body = rows[0], rows[1:]
+        parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in body]
+        parts.append("</table>")
+    else:
+        parts.append("<p>No distance profile: the config names the blocks to remove.</p>")
+    parts.append("</body></html>")
+    with open(page.path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    page.metadata["blocks"] = blocks
+
+
+def describe_model(config_uri: str, output_uri: str, model: Any) -> None:
+    """Point the Model artifact at ``<output>/model`` (the pruned checkpoint; nothing is copied)
+    and record the removed blocks and the source model as its metadata."""
+    config = load_step_config(config_uri, output=output_uri)
+    out = output_dir(config)
+    model.uri = f"{out.uri}/model"
+    model.metadata.update({"blocks": json.loads(out.read_text("blocks.json")), "source_model": config.model_path,
+                           "method": config.method, "alpha": config.alpha, "framework": "transformers"})
+
+
+def log_evaluation(config_uri: str, output_uri: str, metrics: Any) -> dict[str, float]:
+    """Log the report's perplexities, retention and removed fraction to a kfp Metrics artifact."""
+    out = output_dir(load_step_config(config_uri, output=output_uri))
+    report = json.loads(out.read_text("report.json"))
+    logged = {key: float(report[key]) for key in EVALUATION_METRICS if report.get(key) is not None}
+    for key, value in logged.items():
+        metrics.log_metric(key, value)
+    return logged

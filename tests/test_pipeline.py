@@ -19,8 +19,8 @@ from ops import STEPS
 from ops.common import load_step_config
 from ops.profile import profile
 from pipelines.rayjob import rayjob_for_step, run_step_as_rayjob, wait_for_rayjob
-from pipelines.replaceme_pipeline import COMPILED, compile_pipeline, replaceme_pipeline
-from pipelines.steps import HEAVY_STEPS, resolve_config, run_as_rayjob
+from pipelines.replaceme_pipeline import COMPILED, DEFAULT_RESOURCES, compile_pipeline, main, replaceme_pipeline
+from pipelines.steps import HEAVY_STEPS, resolve_config, run_as_rayjob, write_distances_page
 from replaceme.errors import ReplaceMeError
 from replaceme.lineage import PIPELINE_RUN_ENV
 
@@ -54,14 +54,112 @@ def test_heavy_steps_switch_between_the_pod_and_a_rayjob():
             continue
         for branch in component["dag"]["tasks"].values():
             (task,) = components[branch["componentRef"]["name"]]["dag"]["tasks"].values()
-            step = task["inputs"]["parameters"]["step"]["runtimeValue"]["constant"]
+            used = re.sub(r"-\d+$", "", task["componentRef"]["name"])
+            step = task["inputs"]["parameters"].get("step", {}).get("runtimeValue", {}).get("constant")
+            step = step or used.removeprefix("comp-").removesuffix("-as-rayjob")  # profile and merge: their own
             on_ray = branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--engine'] == 'rayjob'"
-            chosen[(step, on_ray)] = re.sub(r"-\d+$", "", task["componentRef"]["name"])
-    assert chosen == {(step, on_ray): "comp-run-step-as-rayjob" if on_ray else "comp-run-step"
+            chosen[(step, on_ray)] = used
+    own = {"calibrate": "comp-run-step", "profile": "comp-profile", "merge": "comp-merge"}
+    assert chosen == {(step, on_ray): own[step] + ("-as-rayjob" if on_ray else "")
                       for step in HEAVY_STEPS for on_ray in (True, False)}
     executors = spec["deploymentSpec"]["executors"].values()
     assert {e["container"]["image"] for e in executors} == {IMAGE}
     assert all(not task.get("cachingOptions", {}).get("enableCache") for task in spec["root"]["dag"]["tasks"].values())
+
+
+def _artifact_types(definitions: dict) -> dict[str, str]:
+    return {name: a["artifactType"]["schemaTitle"] for name, a in definitions.get("artifacts", {}).items()}
+
+
+def test_the_steps_declare_what_the_kfp_ui_shows():
+    spec = _spec(COMPILED)
+    outputs = {name: _artifact_types(c.get("outputDefinitions", {})) for name, c in spec["components"].items()
+               if "executorLabel" in c}
+    assert outputs["comp-profile"] == outputs["comp-profile-as-rayjob"] == {"distances": "system.HTML"}
+    assert outputs["comp-merge"] == outputs["comp-merge-as-rayjob"] == {"model": "system.Model"}
+    assert outputs["comp-evaluate"] == {"metrics": "system.Metrics"}
+    assert _artifact_types(spec["root"]["outputDefinitions"]) == {"Output": "system.Metrics"}  # the run's evaluation
+
+
+def _tasks_by_name(spec: dict) -> dict[str, tuple[dict, dict]]:
+    """Every task of the pipeline (in branches too) by display name: (the task, its executor's container)."""
+    components, executors = spec["components"], spec["deploymentSpec"]["executors"]
+    dags = [spec["root"]["dag"], *(c["dag"] for c in components.values() if "dag" in c)]
+    found = {}
+    for dag in dags:
+        for task in dag["tasks"].values():
+            component = components[task["componentRef"]["name"]]
+            if "executorLabel" in component:
+                found[task["taskInfo"]["name"]] = (task, executors[component["executorLabel"]]["container"])
+    return found
+
+
+def test_each_task_requests_its_resources_and_retries():
+    tasks = _tasks_by_name(_spec(COMPILED))
+    assert set(tasks) == {"resolve-config", "solve", "evaluate", "register",
+                          *(f"{step}{suffix}" for step in HEAVY_STEPS for suffix in ("", " (RayJob)"))}
+    for name, (task, container) in tasks.items():
+        wanted = DEFAULT_RESOURCES["rayjob" if name.endswith("(RayJob)") else name]
+        resources = container["resources"]
+        assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == (wanted.cpu, wanted.cpu), name
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == wanted.memory, name
+        accelerator = resources.get("accelerator", {})
+        assert (accelerator.get("resourceType", ""), int(accelerator.get("resourceCount", 0))) == \
+            (wanted.accelerator if wanted.gpus else "", wanted.gpus), name
+        assert task["retryPolicy"] == {"maxRetryCount": wanted.retries, "backoffDuration": "60s",
+                                       "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}, name
+    # the model runs in profile, calibrate and evaluate: a GPU each; a pod that waits for a RayJob needs none
+    assert {name for name, (_, c) in tasks.items() if "accelerator" in c["resources"]} == \
+        {"profile", "calibrate", "evaluate"}
+
+
+def test_the_image_and_the_resources_are_chosen_at_compile_time(tmp_path, capsys):
+    image = "registry.example.com/team/replaceme:test"
+    path = tmp_path / "pipeline.yaml"
+    assert main(["--image", image, "--output", str(path), "--gpus", "0", "--memory", "20Gi", "--retries", "0"]) == 0
+    assert capsys.readouterr().out == f"compiled to {path}\n"
+    spec = _spec(path)
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
+    assert IMAGE not in path.read_text()
+    tasks = _tasks_by_name(spec)
+    assert all("accelerator" not in c["resources"] and "retryPolicy" not in t for t, c in tasks.values())
+    assert tasks["evaluate"][1]["resources"]["resourceMemoryLimit"] == "20Gi"
+    assert tasks["solve"][1]["resources"]["resourceMemoryLimit"] == DEFAULT_RESOURCES["solve"].memory
+    assert IMAGE in COMPILED.read_text() and image not in COMPILED.read_text()  # the checked-in YAML: the default
+
+
+def test_the_distances_page_embeds_the_plot_and_the_table(tmp_path, tiny_llama):
+    config = str(write_config(tmp_path / "job.yaml", model_path=str(tiny_llama), dataset=str(CALIB), max_length=32,
+                              dataset_size=8, layers_to_skip=2, output_dir=str(tmp_path / "out")))
+    profile(config)
+    page = Artifact(path=str(tmp_path / "distances.html"))
+    write_distances_page(config, str(tmp_path / "out"), page)
+    text = Path(page.path).read_text()
+    assert "data:image/png;base64," in text
+    rows = (tmp_path / "out" / "distances.csv").read_text().splitlines()
+    assert text.count("<tr>") == len(rows) and page.metadata["blocks"] == json.loads(
+        (tmp_path / "out" / "blocks.json").read_text())
+
+
+def test_with_the_blocks_given_the_page_says_no_profile_was_measured(tmp_path, tiny_llama):
+    config = str(write_config(tmp_path / "job.yaml", model_path=str(tiny_llama), dataset=str(CALIB), max_length=32,
+                              dataset_size=8, blocks=[[2, 4]], output_dir=str(tmp_path / "out")))
+    profile(config)
+    page = Artifact(path=str(tmp_path / "distances.html"))
+    write_distances_page(config, str(tmp_path / "out"), page)
+    text = Path(page.path).read_text()
+    assert "No distance profile: the config names the blocks to remove." in text and "<img" not in text
+    assert page.metadata["blocks"] == [[2, 4]]
+
+
+class Artifact:
+    """What a kfp output artifact offers the steps: a local path, a URI, metadata, log_metric."""
+
+    def __init__(self, path: str = "", uri: str = "") -> None:
+        self.path, self.uri, self.metadata = path, uri, {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        self.metadata[name] = value
 
 
 # --- the whole pipeline on kfp's local runner ---------------------------------------------------
@@ -79,7 +177,7 @@ def test_the_pipeline_runs_locally_end_to_end(tmp_path, monkeypatch):
     base = write_config(tmp_path / "base.yaml", batch_size=16, max_length=64, dataset_size=48,
                         eval={"dataset": "set-by-the-pipeline", "dataset_size": 16})
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    replaceme_pipeline(output_uri=str(tmp_path / "runs" / "{run_id}"), model_uri=str(BUNDLED_MODEL),
+    run = replaceme_pipeline(output_uri=str(tmp_path / "runs" / "{run_id}"), model_uri=str(BUNDLED_MODEL),
                        data_uri=str(CALIB), eval_uri=str(EVAL), config_uri=str(base), mlflow_tracking_uri=tracking,
                        mlflow_experiment="pipeline-test", register_as="shakespeare-pruned", engine="in_container")
 
@@ -91,11 +189,20 @@ def test_the_pipeline_runs_locally_end_to_end(tmp_path, monkeypatch):
     assert report["lineage"]["pipeline_run_id"] == out.name
     assert json.loads((out / "blocks.json").read_text()) == report["blocks"]
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.num_hidden_layers == 12
-    run = MlflowClient(tracking).get_run(markers["register"]["mlflow_run_id"])
-    assert run.data.tags["pipeline_run_id"] == out.name
-    assert run.data.metrics["perplexity_after"] == pytest.approx(report["perplexity_after"])
+    mlflow_run = MlflowClient(tracking).get_run(markers["register"]["mlflow_run_id"])
+    assert mlflow_run.data.tags["pipeline_run_id"] == out.name
+    assert mlflow_run.data.metrics["perplexity_after"] == pytest.approx(report["perplexity_after"])
     [version] = MlflowClient(tracking, registry_uri=tracking).search_model_versions("name = 'shakespeare-pruned'")
-    assert version.run_id == run.info.run_id
+    assert version.run_id == mlflow_run.info.run_id
+    # what the KFP UI shows: evaluate's Metrics, merge's Model (the output's model/, not a copy), profile's page
+    metrics = run.output  # the pipeline's output: evaluate's Metrics
+    (root,) = (tmp_path / "root").iterdir()  # the local runner's folder for this run: a folder per task
+    (model,) = json.loads((root / "merge" / "executor_output.json").read_text())["artifacts"]["model"]["artifacts"]
+    assert metrics.metadata == pytest.approx({key: report[key] for key in (
+        "perplexity_before", "perplexity_after", "retention", "removed_fraction", "removed_layers")})
+    assert model["uri"] == str(out / "model")
+    assert model["metadata"]["blocks"] == report["blocks"] and model["metadata"]["source_model"] == str(BUNDLED_MODEL)
+    assert "data:image/png;base64," in (root / "profile" / "distances").read_text()
 
 
 # --- parameters to config -----------------------------------------------------------------------
