@@ -292,8 +292,8 @@ class LocalEngine:
     def profile(self, block_size: int, *, statistics: bool = False, weighted: bool = False) -> Profile:
         """Every candidate block's distance and, with ``statistics``, its least-squares statistics on
         the unpruned stream (a candidate's X, h_{s-1} and h_{e-1} are all in the window the distance
-        slides; ``weighted`` adds their stream-weighted part). Statistics that would take over half the budget are not gathered (``candidates``
-        None: the caller then fits in a second pass).
+        slides; ``weighted`` adds their stream-weighted part). Statistics that would take over half the
+        budget are not gathered (``candidates`` None: the caller then fits in a second pass).
 
         Layer-major inside a chunk: the block ending at layer j needs ``h_{j-L}`` (and, for its
         statistics, X of layer j-L) of every batch of the chunk when ``h_j`` is computed, so the
