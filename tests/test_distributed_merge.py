@@ -109,8 +109,8 @@ def failing_once(monkeypatch, marker: Path) -> None:
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-    def plan(source, transforms):
-        planned = plan_merge(source, transforms)
+    def plan(source, transforms, **options):  # shard_size, dtype
+        planned = plan_merge(source, transforms, **options)
         return replace(planned, family=FailingOnce(**{**asdict(planned.family), "marker": str(marker)}))
 
     monkeypatch.setattr(distributed, "plan_merge", plan)
