@@ -47,14 +47,6 @@ Scores = dict[Block, float]
 NORMALISATIONS = ("tokens", "target", "stream", "drop", "token_stream")
 
 
-def residual_sq(stats: BlockStats, transform: torch.Tensor) -> float:
-    """``‖Y − X·T‖²`` (summed over the tokens of ``stats``) from the statistics alone, in float64:
-    ``‖Y‖² − 2·tr(TᵀXᵀY) + tr(TᵀXᵀX·T)``, clamped at 0 against round-off."""
-    t = transform.to(stats.xtx)
-    squared = stats.yty_trace - 2 * float((t * stats.xty).sum()) + float((t * (stats.xtx @ t)).sum())
-    return max(squared, 0.0)
-
-
 def drop_residual_sq(stats: BlockStats) -> float:
     """``‖Y − X‖² = Σ‖h_{e-1} − h_{s-1}‖²``: the residual of plain dropping (T = identity), from the statistics."""
     return max(stats.yty_trace - 2 * float(torch.diagonal(stats.xty).sum()) + float(torch.diagonal(stats.xtx).sum()),
@@ -101,9 +93,9 @@ def residual_scores(candidates: Mapping[Block, CandidateStats], *, normalise: st
         if normalise == "token_stream":
             if target.weighted is None:
                 raise ValueError(f"normalise='token_stream' needs the weighted statistics of block {block}")
-            residual = residual_sq(target.weighted, maps[block])
+            residual = target.weighted.residual_sq(maps[block])
         else:
-            residual = residual_sq(target.stats, maps[block])
+            residual = target.stats.residual_sq(maps[block])
         denominator = _normaliser(target, normalise)
         scores[block] = residual / denominator if denominator > 0 else math.inf
     return scores

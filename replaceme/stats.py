@@ -45,11 +45,15 @@ class BlockStats:
         self.tokens += other.tokens
         return self
 
+    def residual_sq(self, transform: torch.Tensor) -> float:
+        """``‖X·T − Y‖_F²`` from the statistics alone: ``tr(TᵀXᵀX·T) − 2·tr(TᵀXᵀY) + ‖Y‖²``, clamped
+        at 0 against round-off."""
+        t = transform.to(self.xtx)
+        return float(((t * (self.xtx @ t)).sum() - 2 * (t * self.xty).sum() + self.yty_trace).clamp_min(0))
+
     def residual(self, transform: torch.Tensor) -> float:
         """Relative residual ``‖X·T − Y‖_F / ‖Y‖_F`` computed from the statistics alone."""
-        t = transform.to(self.xtx)
-        squared = (t * (self.xtx @ t)).sum() - 2 * (t * self.xty).sum() + self.yty_trace
-        return float(squared.clamp_min(0).sqrt() / max(self.yty_trace, 1e-300) ** 0.5)
+        return self.residual_sq(transform) ** 0.5 / max(self.yty_trace, 1e-300) ** 0.5
 
     def to_bytes(self) -> bytes:
         return save_bytes({

@@ -21,7 +21,6 @@ from replaceme.selection import (
     rank_correlation,
     refine,
     residual_scores,
-    residual_sq,
     shortlist,
 )
 from replaceme.solvers import solve_lstsq
@@ -87,7 +86,7 @@ def test_residual_from_statistics_equals_the_residual_of_the_rows(alpha):
     transform = solve_lstsq(stats.stats, alpha)[0]
     direct = direct_residual(x, before, after, transform)
     assert direct > 1.0  # the block is not linear: a real residual, not round-off
-    assert residual_sq(stats.stats, transform) == pytest.approx(direct, rel=1e-9)
+    assert stats.stats.residual_sq(transform) == pytest.approx(direct, rel=1e-9)
     # and the relative residual BlockStats reports is the same number
     assert stats.stats.residual(transform) == pytest.approx(math.sqrt(direct / stats.stats.yty_trace), rel=1e-9)
 
@@ -108,7 +107,7 @@ def test_drop_residual_is_the_change_the_block_makes():
     stats = accumulate(x, before, after)
     assert drop_residual_sq(stats.stats) == pytest.approx(float((after.double() - before.double()).square().sum()),
                                                           rel=1e-9)
-    assert drop_residual_sq(stats.stats) == pytest.approx(residual_sq(stats.stats, torch.eye(D, dtype=torch.float64)),
+    assert drop_residual_sq(stats.stats) == pytest.approx(stats.stats.residual_sq(torch.eye(D, dtype=torch.float64)),
                                                           rel=1e-9)
 
 
