@@ -140,7 +140,7 @@ class Context:
         if not entries:
             return  # a checkpoint of pickles: no sizes to read without loading it
         total = sum(entry.nbytes for entry in entries.values())
-        layers = sum(entry.nbytes for name, entry in entries.items() if name.startswith("model.layers."))
+        layers = sum(entry.nbytes for name, entry in entries.items() if name.startswith(self.family.layer_prefix))
         c = self.config
         removed = sum(e - s for s, e in self.blocks) if self.blocks else c.layers_to_skip * c.num_A
         weights = total - layers * removed // self.num_layers
