@@ -30,12 +30,23 @@ class BlockStats:
         return cls(torch.zeros(shape, dtype=torch.float64, device=device),
                    torch.zeros(shape, dtype=torch.float64, device=device))
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add token rows ``x`` and ``y`` ([n, d]) to the statistics."""
-        x64, y64 = x.to(torch.float64), y.to(torch.float64)
-        self.xtx.addmm_(x64.T, x64)
-        self.xty.addmm_(x64.T, y64)
-        self.yty_trace += float(y64.square().sum())
+    @staticmethod
+    def nbytes(hidden: int) -> int:
+        """Memory of one block's statistics: XᵀX and XᵀY in float64."""
+        return 2 * hidden * hidden * 8
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, *, products: torch.dtype = torch.float64) -> None:
+        """Add token rows ``x`` and ``y`` ([n, d]) to the statistics. A batch's products are formed
+        in ``products`` and always summed in float64; float32 halves their cost on CPUs (more on
+        GPUs), for sums that only rank blocks and never fit a map."""
+        xp, yp = x.to(products), y.to(products)
+        if products == torch.float64:
+            self.xtx.addmm_(xp.T, xp)
+            self.xty.addmm_(xp.T, yp)
+        else:
+            self.xtx += xp.T @ xp
+            self.xty += xp.T @ yp
+        self.yty_trace += float(yp.square().sum(dtype=torch.float64))
         self.tokens += x.shape[0]
 
     def __iadd__(self, other: BlockStats) -> BlockStats:
@@ -77,7 +88,8 @@ class CandidateStats:
 
     ``weighted`` (for residual-based selection): the same statistics with every token's rows scaled
     by ``1/‖h_{e-1}‖``, so that a map's residual can be measured token by token relative to the
-    stream it lands in (:func:`replaceme.selection.residual_scores`)."""
+    stream it lands in (:func:`replaceme.selection.residual_scores`). Its rows are unit-scale, so a
+    batch's products are formed in float32 (summed in float64): they rank blocks, they fit no map."""
 
     stats: BlockStats
     stream_sq: float = 0.0
@@ -89,8 +101,8 @@ class CandidateStats:
 
     @staticmethod
     def nbytes(hidden: int, *, weighted: bool = False) -> int:
-        """Memory of one candidate's statistics: XᵀX and XᵀY in float64 (twice with ``weighted``)."""
-        return (4 if weighted else 2) * hidden * hidden * 8
+        """Memory of one candidate's statistics: its block's, twice with ``weighted``."""
+        return (2 if weighted else 1) * BlockStats.nbytes(hidden)
 
     def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
         """Token rows of X, h_{s-1} and h_{e-1}; Y is formed exactly as calibration forms it."""
@@ -99,8 +111,8 @@ class CandidateStats:
         norms_sq = h_after.to(torch.float64).square().sum(-1, keepdim=True)
         self.stream_sq += float(norms_sq.sum())
         if self.weighted is not None:
-            scale = norms_sq.clamp_min(1e-300).rsqrt()
-            self.weighted.update(x.to(torch.float64) * scale, y.to(torch.float64) * scale)
+            scale = norms_sq.clamp_min(1e-300).rsqrt().float()
+            self.weighted.update(x.float() * scale, y.float() * scale, products=torch.float32)
 
     def __iadd__(self, other: CandidateStats) -> CandidateStats:
         if (self.weighted is None) != (other.weighted is None):

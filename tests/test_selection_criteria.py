@@ -27,6 +27,7 @@ from replaceme.solvers import solve_lstsq
 from replaceme.stats import AngleSums, CandidateStats
 
 D = 16
+FLOAT32_PRODUCTS = {"rtol": 1e-5, "atol": 1e-6}  # the weighted statistics: float32 products of unit-scale rows
 
 
 def rows(n: int, seed: int, *, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,17 +63,18 @@ def test_candidate_stats_hold_the_block_statistics_and_the_stream_norm_and_add_u
     assert stats.stream_sq == pytest.approx(float(after.double().square().sum()), rel=1e-12)
     assert stats.stats.tokens == 300
 
-    # the weighted part: every token's rows scaled by 1/‖h_{e-1}‖
+    # the weighted part: every token's rows scaled by 1/‖h_{e-1}‖, a batch's products formed in float32
     w = 1 / after.double().square().sum(-1, keepdim=True)
-    torch.testing.assert_close(stats.weighted.xtx, (x.double() * w).T @ x.double(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(stats.weighted.xty, (x.double() * w).T @ y, rtol=1e-12, atol=1e-12)
-    assert stats.weighted.yty_trace == pytest.approx(float((y.square() * w).sum()), rel=1e-12)
+    torch.testing.assert_close(stats.weighted.xtx, (x.double() * w).T @ x.double(), **FLOAT32_PRODUCTS)
+    torch.testing.assert_close(stats.weighted.xty, (x.double() * w).T @ y, **FLOAT32_PRODUCTS)
+    assert stats.weighted.yty_trace == pytest.approx(float((y.square() * w).sum()), rel=1e-6)
+    assert stats.weighted.xtx.dtype == torch.float64  # summed in float64
 
     chunked = accumulate(x, before, after, chunks=3)
     merged = CandidateStats.zeros(D, weighted=True)
     merged += chunked
     torch.testing.assert_close(merged.stats.xtx, stats.stats.xtx, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(merged.weighted.xty, stats.weighted.xty, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(merged.weighted.xty, stats.weighted.xty, **FLOAT32_PRODUCTS)
     with pytest.raises(ValueError, match="weighted"):
         CandidateStats.zeros(D).__iadd__(chunked)
     assert merged.stream_sq == pytest.approx(stats.stream_sq, rel=1e-12)
@@ -124,7 +126,8 @@ def test_each_normalisation_divides_the_residual_by_what_it_names():
                 "token_stream": float(per_token.mean())}
     assert set(expected) == set(NORMALISATIONS)
     for normalise, value in expected.items():
-        assert residual_scores({(2, 4): stats}, normalise=normalise)[(2, 4)] == pytest.approx(value, rel=1e-9)
+        tolerance = 1e-5 if normalise == "token_stream" else 1e-9  # token_stream: from the weighted statistics
+        assert residual_scores({(2, 4): stats}, normalise=normalise)[(2, 4)] == pytest.approx(value, rel=tolerance)
     with pytest.raises(ValueError, match="normalise must be one of"):
         residual_scores({(2, 4): stats}, normalise="per-layer")
     unweighted = CandidateStats.zeros(D)
@@ -158,7 +161,8 @@ def test_a_block_a_linear_map_replaces_exactly_ranks_first_by_residual_but_not_b
     for normalise in NORMALISATIONS:
         scores = residual_scores(candidates, normalise=normalise)
         assert choose(scores, num_layers=16) == [(1, 5)], normalise
-        assert scores[(1, 5)] < 1e-9 < scores[(6, 10)], normalise
+        floor = 1e-6 if normalise == "token_stream" else 1e-9  # round-off of float32 products, float64 ones
+        assert scores[(1, 5)] < floor and scores[(6, 10)] > 1e-3, normalise
 
     maps = fit_maps(candidates)
     torch.testing.assert_close(maps[(1, 5)], 3 * rotation.double(), rtol=0, atol=1e-6)
