@@ -12,6 +12,7 @@ import difflib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -102,6 +103,12 @@ class EngineConfig(_Strict):
         if value != "auto":
             parse_size(value)  # refuses what is not a size, naming the field
         return value
+
+    @property
+    def shards_in_flight(self) -> int:
+        """Shards in flight on each Ray pipeline: at least two, so its actors have queued work while
+        a shard is finished."""
+        return max(2, math.ceil(self.in_flight / self.batches_per_shard))
 
 
 class StorageConfig(_Strict):

@@ -383,7 +383,7 @@ class LocalEngine:
     def _calibrate_chunks(self, blocks: list[Block], sums: dict[Block, _BlockSums], estimator: Estimator,
                           sequential: bool) -> list[tuple[BlockCapture, torch.Tensor]]:
         last = max(e for _, e in blocks)
-        fixed = len(blocks) * 2 * self.model.hidden_size ** 2 * 8
+        fixed = len(blocks) * BlockStats.nbytes(self.model.hidden_size)
         chunks = self.chunks(self.plan(range(last), states=CALIBRATION_STATES, fixed_bytes=fixed))
         sweeps = len(blocks) if sequential and len(chunks) > 1 else 1
         results: list[tuple[BlockCapture, torch.Tensor]] = []

@@ -73,11 +73,10 @@ from replaceme.memory import (
     profile_states,
     resolve_budget,
 )
-from replaceme.stats import CandidateStats
+from replaceme.stats import BlockStats, CandidateStats
 
 Block = tuple[int, int]
 GB = 10**9
-ACCUMULATOR_BYTES_PER_HIDDEN2 = 2 * 8  # XᵀX and XᵀY, float64
 STORE_COLUMNS, STORE_BYTES = 3, 2  # x, y, residual as 16-bit floats
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -107,6 +106,8 @@ class StagePlan:
     activation_bytes: int
     accumulator_blocks: int
     accumulator_bytes: int
+    candidate_blocks: int  # candidates ending here whose statistics the profile pass sums here
+    candidate_bytes: int  # … for the shards in flight; freed before the calibrate pass
     total_bytes: int
     fits_one_gpu: bool
 
@@ -356,17 +357,22 @@ def _stage_plans(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block]
     params = layer_weights(shape, needed)
     e = config.engine
     activation = e.in_flight * config.batch_size * config.max_length * shape.hidden_size * dtype_bytes * 2
-    accumulator = ACCUMULATOR_BYTES_PER_HIDDEN2 * shape.hidden_size**2
+    accumulator = BlockStats.nbytes(shape.hidden_size)
+    size = config.layers_to_skip
+    gathers = blocks is None and config.profile_gathers_statistics
+    candidate = CandidateStats.nbytes(shape.hidden_size, weighted=config.selection == "residual") * e.shards_in_flight
     plans = []
     for index, (first, end) in enumerate(split_stages(params, e.stages)):
         if blocks is None:
             ending = min(config.num_A, end - first)
         else:
             ending = sum(first <= block_end - 1 < end for _, block_end in blocks)
+        candidates = sum(first <= s + size - 1 < end for s in range(1, needed - size + 1)) if gathers else 0
         stage_params = sum(params[first:end])
-        total = stage_params * dtype_bytes + activation + ending * accumulator
+        total = stage_params * dtype_bytes + activation + max(ending * accumulator, candidates * candidate)
         plans.append(StagePlan(index, (first, end), stage_params, stage_params * dtype_bytes, activation,
-                               ending, ending * accumulator, total, total <= gpu_memory_gb * GB))
+                               ending, ending * accumulator, candidates, candidates * candidate, total,
+                               total <= gpu_memory_gb * GB))
     return plans
 
 
@@ -485,7 +491,7 @@ def _store(config: ReplaceMeConfig, hidden: int, blocks: int, tokens: int, shard
     if config.activations.uri is None:
         return None
     rows = blocks * tokens * STORE_COLUMNS * hidden * STORE_BYTES if config.activations.save_rows else 0
-    statistics = blocks * shards * ACCUMULATOR_BYTES_PER_HIDDEN2 * hidden**2
+    statistics = blocks * shards * BlockStats.nbytes(hidden)
     return StorePlan(config.activations.uri, rows, statistics, rows + statistics)
 
 
@@ -502,15 +508,20 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
     h, n = shape.hidden_size, shape.num_layers
     layer_bytes = [p * itemsize for p in shape.layer_params]
     embedding = shape.embedding_params * itemsize
-    accumulators = CandidateStats.nbytes(h)
-    one_pass = blocks is None and config.second_pass_reason is None
+    accumulators = BlockStats.nbytes(h)
+    second_pass_reason = None if blocks else config.second_pass_reason
     passes = []
     if blocks is None:  # profile
+        count = n - config.layers_to_skip
+        candidates = count * CandidateStats.nbytes(h, weighted=config.selection == "residual")
         gathers = config.profile_gathers_statistics
-        per_candidate = CandidateStats.nbytes(h, weighted=config.selection == "residual")
-        candidates = (n - config.layers_to_skip) * per_candidate if gathers else 0
+        if gathers and candidates > budget // 2:  # as LocalEngine._candidate_sums decides
+            gathers, second_pass_reason = False, (
+                f"the {count} candidate blocks' statistics ({gib(candidates)}) exceed half the budget: the profile "
+                "measures distances only, selects by distance and the blocks are fitted in a second pass")
         passes.append(("profile", layer_bytes, batches, config.batch_size, config.max_length,
-                       profile_states(config.layers_to_skip, gathers), candidates + embedding, 0))
+                       profile_states(config.layers_to_skip, gathers), (candidates if gathers else 0) + embedding, 0))
+    one_pass = blocks is None and second_pass_reason is None
     if not one_pass:
         fitted = len(blocks or range(config.num_A))
         rows = 0  # method: cosine without a store keeps X, Y, residual rows (float32), joined for the solver
@@ -527,7 +538,7 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
                        e.batch_size or config.batch_size, e.max_length or config.max_length, EVALUATION_STATES,
                        heads + embedding, LOGITS_BYTES))
     plans = [_pass_plan(shape, itemsize, budget, *p, config.engine.batches_per_shard) for p in passes]
-    return InProcessPlan(budget, source, dtype, reason, one_pass, None if blocks else config.second_pass_reason,
+    return InProcessPlan(budget, source, dtype, reason, one_pass, second_pass_reason,
                          plans, all(p.peak_bytes <= budget for p in plans), max((p.least_bytes for p in plans), default=0))
 
 
@@ -585,17 +596,21 @@ def format_plan(result: Plan) -> str:
         f"pipeline     {p.replicas} replica(s) × {len(p.stages)} stage(s)",
         "",
         f"{'stage':>5}  {'layers':<10} {'params':>14} {'weights':>12} {'activations':>12} "
-        f"{'blocks':>6} {'accumulators':>12} {'total':>12}  fits one {p.gpu_memory_gb:g} GB GPU",
+        f"{'blocks':>6} {'accumulators':>12} {'candidates':>10} {'statistics':>12} {'total':>12}  "
+        f"fits one {p.gpu_memory_gb:g} GB GPU",
     ]
     for s in p.stages:
         lines.append(
             f"{s.index:>5}  {f'[{s.layers[0]}, {s.layers[1]})':<10} {s.params:>14,} {_gb(s.param_bytes):>12} "
             f"{_gb(s.activation_bytes):>12} {s.accumulator_blocks:>6} {_gb(s.accumulator_bytes):>12} "
-            f"{_gb(s.total_bytes):>12}  {'yes' if s.fits_one_gpu else 'NO'}"
+            f"{s.candidate_blocks:>10} {_gb(s.candidate_bytes):>12} {_gb(s.total_bytes):>12}  "
+            f"{'yes' if s.fits_one_gpu else 'NO'}"
         )
     lines += [
         "       stage 0 includes the embeddings; total = weights + activations (in_flight × batch_size × "
-        "max_length × hidden × dtype bytes × 2) + accumulators (blocks ending in the stage × 2 × hidden² × 8)",
+        "max_length × hidden × dtype bytes × 2) + the larger of accumulators (blocks ending in the stage × 2 × "
+        "hidden² × 8, calibrate pass) and statistics (candidate blocks ending in the stage × shards in flight × "
+        "2 × hidden² × 8, twice with selection: residual, profile pass)",
         "",
         f"resources    {p.gpus:g} GPUs, {p.cpus:g} CPUs (replicas × stages × per stage), "
         + (f"{p.nodes} node(s) of {p.gpus_per_node} GPUs" if p.gpus else "no GPU nodes (engine.gpus_per_stage is 0)"),

@@ -96,7 +96,13 @@ def test_selected_blocks_plan_the_worst_case(model_dir):
     # cap 11 layers: stage 0 takes 9 (+ embeddings = 10.23 layers), the rest 11 each, the last what is left
     assert [s.layers for s in p.stages] == [(0, 9), (9, 20), (20, 31), (31, 42), (42, 53), (53, 64), (64, 75), (75, 80)]
     assert all(s.accumulator_blocks == 2 for s in p.stages)  # either selected block may end in any stage
-    assert p.stages[-1].total_bytes == 5 * LAYER * BF16 + 4 * 4 * 2048 * H * BF16 * 2 + 2 * ACCUMULATOR
+    # the profile pass sums the statistics of the candidates [68, 76) … [72, 80) on the last stage, for the 2
+    # shards in flight, plain and stream-weighted (selection: residual); they outweigh the 2 blocks' accumulators
+    last = p.stages[-1]
+    assert (last.candidate_blocks, last.candidate_bytes) == (5, 5 * 2 * 2 * ACCUMULATOR)
+    assert last.total_bytes == 5 * LAYER * BF16 + 4 * 4 * 2048 * H * BF16 * 2 + 5 * 2 * 2 * ACCUMULATOR
+    distance = plan(c.model_copy(update={"selection": "distance"}), tokens=4_000_000, gpus_per_node=8)
+    assert distance.stages[-1].candidate_bytes == 0  # num_A 2, sequential: fitted in a second pass, no statistics
     assert (p.tokens, p.tokens_source, p.rows) == (4_000_000, "--tokens", math.ceil(4_000_000 / 2048)) == (4_000_000, "--tokens", 1954)
     assert (p.batches, p.shards) == (489, 62)  # ceil(1954 / 4), ceil(489 / 8)
     assert (p.gpus, p.cpus) == (4 * 8 * 2, 4 * 8 * 4)
@@ -295,3 +301,22 @@ def test_plan_prints_the_wall_time_or_says_it_is_unknown(model_dir, capsys, tmp_
     assert "at MFU 0.25" in out and "A100 (a100): 312 TFLOP/s 16-bit dense" in out and "312 TFLOP/s 16-bit)" in out
     assert main(["plan", "--config", str(path), "--mfu", "1.5"]) == 2
     assert "--mfu: 1.5 is a share of the peak" in capsys.readouterr().err
+
+
+def test_plan_and_engine_agree_when_the_candidates_statistics_exceed_half_the_budget(tmp_path, tiny_llama, caplog):
+    """Four candidates of hidden 64 with their weighted part take 512 KiB: over half of a 1 MB budget.
+    The engine then measures distances only; the plan says so and adds the calibrate pass."""
+    from conftest import CALIB
+    from replaceme import recipe
+
+    values = dict(model_path=str(tiny_llama), dataset=str(CALIB), dataset_size=24, max_length=32, batch_size=4,
+                  layers_to_skip=2, output_dir=str(tmp_path / "out"), engine=dict(memory_budget="1MB"))
+    planned = plan(validate_config(values)).in_process
+    assert not planned.one_pass and "4 candidate blocks' statistics (512.00 KiB) exceed half the budget" in \
+        planned.second_pass_reason
+    assert [p.name for p in planned.passes] == ["profile", "calibrate"]
+    engine = recipe.calibration_engine(recipe.Context(validate_config(values), progress=False))
+    with caplog.at_level("WARNING", logger="replaceme"):
+        profile = engine.profile(2, statistics=True, weighted=True)
+    assert profile.candidates is None and "not gathering the 4 candidate blocks' statistics" in caplog.text
+    assert planned.passes[0].fixed_bytes == engine.last_plan.fixed_bytes  # no statistics planned in, none held

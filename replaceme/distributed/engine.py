@@ -27,7 +27,6 @@ fitting on the unpruned model takes one pass for all blocks.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -153,6 +152,7 @@ class RayEngine:
         num_layers = int(self.settings.model_config["num_hidden_layers"])
         angles = angle_sums(block_size, num_layers)
         pipelines = self._pipelines_for(num_layers)
+        started = time.perf_counter()
         try:
             blocks = self._statistics_blocks(pipelines, block_size, num_layers, weighted) if statistics else ()
             plan = PhasePlan(blocks, {}, num_layers, save_rows=False, profile=block_size, weighted=weighted)
@@ -167,6 +167,7 @@ class RayEngine:
         except BaseException:
             self.close()
             raise
+        self.seconds["passes"] += time.perf_counter() - started
         return Profile(angles.distances(), candidates)
 
     def _statistics_blocks(self, pipelines: list[_Pipeline], block_size: int, num_layers: int,
@@ -175,7 +176,7 @@ class RayEngine:
         the shards in flight (``stage.STATISTICS_SHARE`` of its device's free memory) and this
         process can hold all their sums; else none (the profile then measures distances only)."""
         blocks = tuple((s, s + block_size) for s in range(1, num_layers - block_size + 1))
-        shards = self._shards_per_pipeline()
+        shards = self.engine.shards_in_flight
         refusals = [r for r in self.ray.get([actor.statistics_room.remote(blocks, shards, weighted=weighted)
                                              for p in pipelines for actor, _ in p.stages]) if r]
         hidden = model_shape(self.settings.model_config).hidden_size
@@ -189,10 +190,6 @@ class RayEngine:
             return ()
         return blocks
 
-    def _shards_per_pipeline(self) -> int:
-        """Shards in flight on each pipeline: at least two, so its actors have queued work while a
-        shard is finished."""
-        return max(2, math.ceil(self.engine.in_flight / self.engine.batches_per_shard))
 
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
@@ -248,7 +245,7 @@ class RayEngine:
         queue = deque(_Shard(i, batches) for i, batches in enumerate(self.shards) if i not in committed)
         done: list[_Shard] = []
         pending: dict[ObjectRef, tuple[_Pipeline, _Shard]] = {}  # outstanding ref → (pipeline, shard)
-        per_pipeline = self._shards_per_pipeline()
+        per_pipeline = self.engine.shards_in_flight
         with progress(total=len(self.shards), initial=len(committed), desc="profile" if plan.profile else "calibrate",
                       unit="shard", disable=not self.progress) as bar:
             while queue or pending:
