@@ -16,14 +16,16 @@ Side by side in one run, on the same model and batches:
 
 (b) and (c) are timed from opening the checkpoint to the solved map (reading the layers is
 included) with ``engine.memory_budget: auto``; they must select the same block and give the same
-map to float64 round-off (asserted). Each section runs twice, alternating; the faster run counts.
+map to float64 round-off (asserted), as must (d) and (e). Each section runs ``--repeats`` times,
+alternating; a target is met when both the faster runs' ratio and the median of the ratios within
+each repetition meet it.
 
 Models (``_setup.random_llama``, bf16 shards, computed in float32, L = 2 layers per block):
 hidden 768 with 8 layers and the bundled tokenizer's 2,048-word vocabulary (the LM head costs
 little), and the same with a 131,072-word vocabulary (HF's logits dominate its forward).
-Targets: (c) and (d) ≤ 1.3× (a) on the first, ≤ 1.0× on the second.
+Targets: (c), (d) and (e) ≤ 1.3× (a) on the first, ≤ 1.0× on the second.
 
-    python benchmarks/one_pass.py [--quick] [--tokens 32768] [--large-vocab-tokens 8192]
+    python benchmarks/one_pass.py [--quick] [--repeats 3] [--tokens 32768] [--large-vocab-tokens 8192]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -150,6 +153,12 @@ def agreement(two: dict, one: dict) -> tuple[float, float]:
     return map_diff, xtx_diff
 
 
+def paired_ratio(runs: dict, key: str) -> float:
+    """Median over repetitions of a series' time over the HF forward of the same repetition: the
+    machine's slow drifts (a shared host) weigh on both sides of each ratio alike."""
+    return statistics.median(x["seconds"] / t for x, t in zip(runs[key], runs["forward"], strict=True))
+
+
 def measure(name: str, model_path: Path, batches, repeats: int) -> dict:
     runs = {"load": [], "forward": [], "two": [], "one": [], "residual": [], "ray": []}
     last = {}
@@ -157,12 +166,14 @@ def measure(name: str, model_path: Path, batches, repeats: int) -> dict:
         load, forward = hf(model_path, batches)
         runs["load"].append(load)
         runs["forward"].append(forward)
-        for key, one_pass in (("two", False), ("one", True), ("residual", True)):
-            last[key] = ours(model_path, batches, one_pass=one_pass, residual=key == "residual")
+        # the default path right after the forward it is compared with; the old path last
+        for key in ("residual", "ray", "one", "two"):
+            if key == "ray":
+                last[key] = on_ray(model_path, batches)
+            else:
+                last[key] = ours(model_path, batches, one_pass=key != "two", residual=key == "residual")
             runs[key].append(last[key])
             gc.collect()
-        last["ray"] = on_ray(model_path, batches)
-        runs["ray"].append(last["ray"])
         map_diff, xtx_diff = agreement(last["two"], last["one"])
         ray_diff, _ = agreement(last["residual"], last["ray"])  # Ray sums per data shard, in-process per batch
         print(name, f"HF load {load:.1f} s, forward {forward:.1f} s; two passes {last['two']['seconds']:.1f} s "
@@ -186,7 +197,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine two threads spin-wait for each other "
                              "and run several times slower)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -211,7 +222,8 @@ def main() -> None:
         r["ratio"] = b["one"]["seconds"] / forward
         r["residual_ratio"] = b["residual"]["seconds"] / forward
         r["ray_ratio"] = b["ray"]["seconds"] / forward
-        r["met"] = max(r["ratio"], r["residual_ratio"], r["ray_ratio"]) <= target
+        r["paired"] = {key: paired_ratio(r["runs"], key) for key in ("one", "residual", "ray")}
+        r["met"] = max(r["ratio"], r["residual_ratio"], r["ray_ratio"], *r["paired"].values()) <= target
         label = f"{name} ({r['tokens']:,} tokens)"
         rows += [
             [label, "(a) HF forward, output_hidden_states (load apart)", f"{forward:.1f}", "1.00", "—"],
@@ -235,8 +247,10 @@ def main() -> None:
         lines.append(
             f"* vocabulary {vocab[kind]:,}: one pass {r['ratio']:.2f}× the HF forward, with residual selection "
             f"{r['residual_ratio']:.2f}×, on Ray {r['ray_ratio']:.2f}× (block {list(r['residual_block'])}, the same "
-            f"on Ray, its map within ‖ΔT‖/‖T‖ = {r['ray_diff']:.1e}; target ≤ {TARGETS[kind]}: "
-            f"**{'met' if r['met'] else 'NOT met'}**), {b['one']['seconds'] / b['two']['seconds']:.2f}× the two-pass "
+            f"on Ray, its map within ‖ΔT‖/‖T‖ = {r['ray_diff']:.1e}); median of the ratios within each repetition: "
+            f"{r['paired']['one']:.2f}×, {r['paired']['residual']:.2f}×, on Ray {r['paired']['ray']:.2f}× (target ≤ "
+            f"{TARGETS[kind]} by both measures: **{'met' if r['met'] else 'NOT met'}**); one pass "
+            f"{b['one']['seconds'] / b['two']['seconds']:.2f}× the two-pass "
             f"path; gathering every candidate's statistics makes the profile pass {overhead:.2f}× the plain one "
             f"({profile_with:.1f} s vs {profile_without:.1f} s, faster runs). Block {list(r['block'])} chosen by "
             f"both; maps equal to float64 round-off (‖ΔT‖/‖T‖ = {r['map_diff']:.1e}, ‖ΔXᵀX‖/‖XᵀX‖ = "
@@ -247,8 +261,7 @@ def main() -> None:
             f"{[round(x['seconds'], 1) for x in r['runs']['two']]}, one pass "
             f"{[round(x['seconds'], 1) for x in r['runs']['one']]}, residual selection "
             f"{[round(x['seconds'], 1) for x in r['runs']['residual']]}, on Ray "
-            f"{[round(x['seconds'], 1) for x in r['runs']['ray']]}; one pass / HF forward within each repetition: "
-            f"{[round(x['seconds'] / t, 2) for x, t in zip(r['runs']['one'], r['runs']['forward'], strict=True)]}.")
+            f"{[round(x['seconds'], 1) for x in r['runs']['ray']]}.")
     elapsed = time.perf_counter() - started
     print(table(headers, rows))
     print("\n".join(lines))
@@ -268,7 +281,8 @@ its HF forward, the slow side there, short). (a) the plain HF forward with `outp
 residual (one least-squares solve each), the block chosen by it; (e) (d) on a local Ray (`ray.init(num_cpus=2)`),
 one replica × one stage actor of one CPU, from the pass's start to the solved map, the actor's start apart.
 (b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Each section ran
-{repeats} times, alternating; the faster counts. torch threads: {args.threads}. Machine: {machine()}; 2 cores
+{repeats} times, alternating (a, d, e, c, b); the table shows the faster run of each, and the notes below also the
+median of the ratios within each repetition; a target counts as met only when both measures meet it. torch threads: {args.threads}. Machine: {machine()}; 2 cores
 shared with other jobs (test suites, other benchmarks) while this ran, so absolute seconds are inflated and
 noisy — compare the ratios, measured side by side. Whole benchmark: {elapsed:.0f} s.
 Before: the old path took 2.26× the HF forward (hidden 768, 8 layers, 2 removed, 32k tokens; reported in the issue).
