@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -102,6 +102,14 @@ class Tracker:
             self._opened = client, self._experiment(client)
         except Exception as exc:  # noqa: BLE001 - reported by log(), where the outputs are known
             self._error = exc
+
+    def prepare_model_logging(self) -> None:
+        """Import what writing the model with MLflow's transformers flavour needs (seconds of CPU),
+        so that a tracking child does it while the run computes, not after it."""
+        if (self._error is None and not self.config.save_transform_only
+                and self.settings.model_logging in ("auto", "transformers")):
+            with suppress(ImportError):  # saving the model reports it, with the model named
+                import_transformers_flavour()
 
     def _experiment(self, client: Any) -> str:
         found = client.get_experiment_by_name(self.settings.experiment)
@@ -437,6 +445,15 @@ def save_transformers_model(folder: str, path: str, *, model_id: str | None = No
            "; see the source model's repository or model card.\n"))
 
 
+def import_transformers_flavour() -> None:
+    """The modules :func:`save_transformers_model` imports, the pipeline's included."""
+    import mlflow.transformers  # noqa: F401
+    import transformers.pipelines.text_generation  # noqa: F401
+    from huggingface_hub import ModelCard  # noqa: F401
+    from mlflow.models import Model, ModelSignature  # noqa: F401
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema  # noqa: F401
+
+
 def _save_pipeline(folder: str, path: str, model_id: str | None, run_id: str | None) -> None:
     import mlflow
     import torch
@@ -568,6 +585,7 @@ def _serve() -> None:
 
     tracker = Tracker(validate_config(json.loads(sys.stdin.readline())))
     tracker.open()
+    tracker.prepare_model_logging()
     output_uri = sys.stdin.readline().strip()
     if output_uri:
         try:

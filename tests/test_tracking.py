@@ -4,7 +4,10 @@ server), re-logging after an outage, registered model versions, redaction, and `
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +245,19 @@ def test_register_by_reference_keeps_the_model_where_it_is(finished_output, tmp_
     assert version.source == (finished_output / "model").as_uri()
     [run] = client.search_runs([client.get_experiment_by_name("replaceme").experiment_id])
     assert client.search_logged_models([run.info.experiment_id]) == []
+
+
+@pytest.mark.parametrize(("log_model", "imported"), [("auto", True), ("reference", False)])
+def test_the_tracking_child_imports_the_transformers_flavour_while_the_run_computes(tmp_path, log_model, imported):
+    """Writing the model with MLflow's transformers flavour first imports seconds' worth of modules:
+    the tracking child does that after opening the store, not after the run (a fresh interpreter,
+    as the child is one)."""
+    config = config_for(tmp_path / "out", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", log_model=log_model)
+    script = ("import json, sys\nfrom replaceme.config import validate_config\nfrom replaceme.tracking import Tracker\n"
+              "tracker = Tracker(validate_config(json.loads(sys.stdin.read())))\ntracker.open()\n"
+              "before = 'mlflow.transformers' in sys.modules\ntracker.prepare_model_logging()\n"
+              "print(json.dumps([before, 'mlflow.transformers' in sys.modules]))\n")
+    result = subprocess.run([sys.executable, "-c", script], input=json.dumps(config.model_dump(mode="json")),
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [False, imported]
