@@ -37,8 +37,8 @@ class BlockStats:
 
     def update(self, x: torch.Tensor, y: torch.Tensor, *, products: torch.dtype = torch.float64) -> None:
         """Add token rows ``x`` and ``y`` ([n, d]) to the statistics. A batch's products are formed
-        in ``products`` and always summed in float64; float32 halves their cost on CPUs (more on
-        GPUs), for sums that only rank blocks and never fit a map."""
+        in ``products`` and always summed in float64; float32 halves their cost on CPUs (GPUs
+        run float64 at a fraction of float32's rate), for sums that rank blocks and fit no map."""
         xp, yp = x.to(products), y.to(products)
         if products == torch.float64:
             self.xtx.addmm_(xp.T, xp)

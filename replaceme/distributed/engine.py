@@ -190,7 +190,6 @@ class RayEngine:
             return ()
         return blocks
 
-
     def calibrate(self, blocks: Sequence[Block], estimator: Estimator, *, sequential: bool = True,
                   keep_activations: bool = False) -> list[tuple[BlockCapture, torch.Tensor]]:
         if keep_activations and not self.save_rows:
