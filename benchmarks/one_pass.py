@@ -283,7 +283,7 @@ one replica × one stage actor of one CPU, from the pass's start to the solved m
 (b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Each section ran
 {repeats} times, alternating (a, d, e, c, b); the table shows the faster run of each, and the notes below also the
 median of the ratios within each repetition; a target counts as met only when both measures meet it. torch threads: {args.threads}. Machine: {machine()}; 2 cores
-of a shared virtual machine: the same series varies by up to 20% between repetitions (see the runs in the notes),
+of a shared virtual machine: the same series varies between repetitions (see the runs in the notes),
 so compare the ratios, measured side by side. Whole benchmark: {elapsed:.0f} s.
 Before: the old path took 2.26× the HF forward (hidden 768, 8 layers, 2 removed, 32k tokens; reported in the issue).
 
