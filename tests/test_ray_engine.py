@@ -211,6 +211,7 @@ def test_distances_are_summed_in_shard_order_not_arrival_order(monkeypatch):
 
     engine = object.__new__(RayEngine)
     engine.settings = StageSettings("unused", {"num_hidden_layers": 4}, "cpu", "float32")
+    engine.seconds = {"start_workers": 0.0, "passes": 0.0}
     partials = [1.0, 1e16, -1e16]
     arrived = [_Shard(i, [], results=[AngleSums(2, {1: partials[i]}, {1: 1})]) for i in (1, 2, 0)]
     monkeypatch.setattr(engine, "_pipelines_for", lambda layers: [], raising=False)
