@@ -14,7 +14,7 @@ from replaceme.engine import LocalEngine
 from replaceme.layerwise import LayerwiseModel
 from replaceme.merge import merge_checkpoint
 from replaceme.solvers import solve_cosine, solve_lstsq
-from replaceme.stats import BlockStats
+from replaceme.stats import GRAM_MIN_WIDTH, BlockStats, add_gram_
 
 CPU = torch.device("cpu")
 
@@ -87,6 +87,22 @@ def test_padding_is_excluded(model_and_batches):
     assert padded, "fixture must produce padded batches"
     ((capture, _),) = engine_for(folder, padded).calibrate([(2, 4)], lstsq)
     assert capture.stats.tokens == sum(b.num_tokens for b in padded) < sum(b.input_ids.numel() for b in padded)
+
+
+@pytest.mark.parametrize("width", [GRAM_MIN_WIDTH, 2 * GRAM_MIN_WIDTH, 4 * GRAM_MIN_WIDTH + 3])
+@pytest.mark.parametrize("products", [torch.float64, torch.float32])
+def test_gram_is_added_exactly_symmetric_and_equal_to_the_full_product(width, products):
+    """Widths with no split, one, and two levels with odd halves; float32 products into float64 sums."""
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(257, width, dtype=torch.float64, generator=generator)
+    start = torch.randn(width, width, dtype=torch.float64, generator=generator)
+    start = start + start.T
+    acc = start.clone()
+    add_gram_(acc, x.to(products))
+    tolerance = {"rtol": 1e-12, "atol": 1e-9} if products == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(acc, start + x.T @ x, **tolerance)
+    assert torch.equal(acc, acc.T)
+    assert acc.dtype == torch.float64
 
 
 def test_lstsq_is_the_ridge_solution_and_handles_singular_systems(caplog):
