@@ -45,13 +45,13 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from replaceme.blocks import Block
 from replaceme.errors import ReplaceMeError
 from replaceme.stats import BlockStats
 from replaceme.storage import filesystem
 
 log = logging.getLogger("replaceme")
 
-Block = tuple[int, int]
 COLUMNS = ("x", "y", "residual")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FORMAT_VERSION = 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from replaceme.blocks import Block
 from replaceme.config import ReplaceMeConfig, read_yaml, validate_config
 from replaceme.errors import Interrupted
 from replaceme.lineage import warn_about_ray_job_paths
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from pydantic import (
     model_validator,
 )
 
+from replaceme.blocks import Block
 from replaceme.errors import ReplaceMeError
 from replaceme.memory import parse_size
 
-Block = tuple[int, int]
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 log = logging.getLogger("replaceme")
 

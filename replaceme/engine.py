@@ -37,6 +37,7 @@ from typing import Protocol
 import torch
 
 from replaceme.activations import ActivationStore, RowWriter, StoredRows
+from replaceme.blocks import Block
 from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.errors import ReplaceMeError
@@ -49,6 +50,7 @@ from replaceme.memory import (
     BatchShape,
     ChunkPlan,
     gib,
+    held_fits,
     plan_pass,
     profile_states,
     release_freed_memory,
@@ -58,7 +60,6 @@ from replaceme.progress import Progress, progress
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 BATCHES_PER_SHARD = EngineConfig.model_fields["batches_per_shard"].default
 
 
@@ -317,7 +318,7 @@ class LocalEngine:
         hidden, count = self.model.hidden_size, self.model.num_layers - block_size
         need = count * CandidateStats.nbytes(hidden, weighted=weighted)
         budget = resolve_budget(self.memory_budget, self.model.device)
-        if need > budget // 2:
+        if not held_fits(need, budget):
             log.warning("not gathering the %d candidate blocks' statistics in the profile pass: they take %s of a %s "
                         "budget (engine.memory_budget); the blocks are fitted in a second pass", count, gib(need),
                         gib(budget))
@@ -448,7 +449,7 @@ class LocalEngine:
         tokens = sum(b.num_tokens for b in self.batches)
         need = num_blocks * tokens * self.model.hidden_size * 3 * 4 * 2
         budget = resolve_budget(self.memory_budget, self.model.device)
-        if need > budget // 2:
+        if not held_fits(need, budget):
             raise ReplaceMeError(f"method: cosine keeps the X, Y and residual rows of all {tokens:,} calibration tokens "
                                  f"in memory, {gib(need)} for {num_blocks} block(s), over half the "
                                  f"engine.memory_budget of {gib(budget)}; set activations.uri (a folder or s3:// URI) "

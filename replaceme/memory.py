@@ -71,6 +71,12 @@ def resolve_budget(setting: str | int | None, device: torch.device) -> int:
     return parse_size(setting)
 
 
+def held_fits(held: int, room: int) -> bool:
+    """Whether memory held through a whole pass (candidate statistics, rows kept for a solver) fits
+    ``room`` (a budget, or the memory free): it may take half, the other half is the pass's own."""
+    return held <= room // 2
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """How a pass over ``num_batches`` batches spends ``budget`` bytes."""

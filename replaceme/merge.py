@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from replaceme.blocks import Block
 from replaceme.checkpoint import (
     DTYPE_NAMES,
     DTYPES,
@@ -37,7 +38,6 @@ from replaceme.checkpoint import (
 from replaceme.families import Family, family_for, prune_config
 from replaceme.progress import progress as progress_display
 
-Block = tuple[int, int]
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # output.dtype → safetensors name
 CASTABLE = {"BF16", "F16", "F32", "F64"}  # floating-point weights an output dtype applies to (not int, bool, fp8)
 # Small files a checkpoint needs next to its weights (matched case-insensitively): tokenizer, generation

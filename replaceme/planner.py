@@ -68,6 +68,7 @@ from replaceme.memory import (
     LOGITS_BYTES,
     BatchShape,
     gib,
+    held_fits,
     parse_size,
     plan_pass,
     profile_states,
@@ -515,7 +516,7 @@ def _in_process(shape: ModelShape, config: ReplaceMeConfig, blocks: list[Block] 
         count = n - config.layers_to_skip
         candidates = count * CandidateStats.nbytes(h, weighted=config.selection == "residual")
         gathers = config.profile_gathers_statistics
-        if gathers and candidates > budget // 2:  # as LocalEngine._candidate_sums decides
+        if gathers and not held_fits(candidates, budget):  # as LocalEngine._candidate_sums decides
             gathers, second_pass_reason = False, (
                 f"the {count} candidate blocks' statistics ({gib(candidates)}) exceed half the budget: the profile "
                 "measures distances only, selects by distance and the blocks are fitted in a second pass")

@@ -35,6 +35,7 @@ from safetensors.torch import save as save_safetensors
 from replaceme import __version__, card, evalcache, hub, lineage, markers, peak_memory
 from replaceme.activations import ActivationStore, StoredRows
 from replaceme.blocks import (
+    Block,
     check_blocks,
     check_selection,
     distances_to_csv,
@@ -68,7 +69,6 @@ from replaceme.stats import BlockStats, CandidateStats
 from replaceme.storage import filesystem
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 SOLVER_DETAILS = "calibration/solver.json"  # per-block residuals of the current maps, for report.json
 PROFILED_STATISTICS = "profile"  # the selected blocks' statistics, gathered by the profile pass
 SELECTION = "selection.json"  # the criterion that chose the blocks, and what each criterion would choose

@@ -35,12 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replaceme.blocks import select_blocks
+from replaceme.blocks import Block, select_blocks
 from replaceme.solvers import solve_lstsq
 from replaceme.stats import BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 Scores = dict[Block, float]
 
 # How a residual is made comparable across blocks (see residual_scores).

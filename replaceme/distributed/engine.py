@@ -36,19 +36,19 @@ from typing import Any
 import torch
 
 from replaceme.activations import StoredRows
+from replaceme.blocks import Block
 from replaceme.config import EngineConfig
 from replaceme.data import Batch
 from replaceme.distributed.cluster import connect, require_ray, reserve
 from replaceme.distributed.stage import Payload, PhasePlan, Stage, StageRestarted
 from replaceme.engine import BlockCapture, Estimator, Profile, angle_sums
 from replaceme.errors import ReplaceMeError
-from replaceme.memory import free_bytes, gib
+from replaceme.memory import free_bytes, gib, held_fits
 from replaceme.planner import layer_weights, model_shape, split_stages
 from replaceme.progress import progress
 from replaceme.stats import BlockStats, CandidateStats
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 # Ray's own types are not analysed here (mypy skips the ray package), so its handles are Any:
 ActorHandle = Any  # a Stage actor: its methods are called as ``actor.method.remote(...)``
 ObjectRef = Any  # a ref to a Ray object (a Payload, partial statistics, a token count, ...)
@@ -173,7 +173,7 @@ class RayEngine:
     def _statistics_blocks(self, pipelines: list[_Pipeline], block_size: int, num_layers: int,
                            weighted: bool) -> tuple[Block, ...]:
         """Every candidate block, when each stage can hold the statistics of those ending on it for
-        the shards in flight (``stage.STATISTICS_SHARE`` of its device's free memory) and this
+        the shards in flight (half its device's free memory) and this
         process can hold all their sums; else none (the profile then measures distances only)."""
         blocks = tuple((s, s + block_size) for s in range(1, num_layers - block_size + 1))
         shards = self.engine.shards_in_flight
@@ -182,7 +182,7 @@ class RayEngine:
         hidden = model_shape(self.settings.model_config).hidden_size
         need = len(blocks) * CandidateStats.nbytes(hidden, weighted=weighted)
         free = free_bytes(torch.device("cpu"))
-        if need > free // 2:
+        if not held_fits(need, free):
             refusals.append(f"their sums take {gib(need)} of the {gib(free)} free in this process")
         if refusals:
             log.warning("not gathering the %d candidate blocks' statistics in the profile pass (%s); the selected "

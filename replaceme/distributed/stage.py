@@ -19,23 +19,18 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from replaceme.blocks import Block
 from replaceme.checkpoint import Checkpoint
 from replaceme.engine import apply_map, check_finite
 from replaceme.layerwise import LayerwiseModel
-from replaceme.memory import free_bytes, gib
+from replaceme.memory import free_bytes, gib, held_fits
 from replaceme.stats import AngleSums, BlockStats, CandidateStats
 
 if TYPE_CHECKING:
     from replaceme.activations import RowWriter
 
 log = logging.getLogger("replaceme")
-Block = tuple[int, int]
 Partial = TypeVar("Partial", BlockStats, CandidateStats)  # what the driver's reductions sum
-
-# The share of the memory free on a stage's device (its layers loaded) that the candidate blocks'
-# statistics of a profile pass may take, for every shard in flight; above it the profile measures
-# distances only and the selected blocks are fitted in a second pass.
-STATISTICS_SHARE = 0.5
 
 
 class StageRestarted(RuntimeError):
@@ -239,12 +234,12 @@ class Stage:
 
     def statistics_room(self, blocks: tuple[Block, ...], shards: int, *, weighted: bool = False) -> str | None:
         """None when this stage can gather the statistics of the candidates among ``blocks`` ending
-        on it for ``shards`` shards at once within :data:`STATISTICS_SHARE` of its device's free
-        memory; else why not."""
+        on it for ``shards`` shards at once within half its device's free memory
+        (:func:`~replaceme.memory.held_fits`); else why not."""
         count = sum(1 for b in blocks if b[1] - 1 in self.layers)
         need = count * CandidateStats.nbytes(self.model.hidden_size, weighted=weighted) * shards
         free = free_bytes(self.device)
-        if need <= STATISTICS_SHARE * free:
+        if held_fits(need, free):
             return None
         return (f"layers {self.layers.start}-{self.layers.stop - 1} would hold {count} candidates' statistics for "
                 f"{shards} shards in flight, {gib(need)} of {gib(free)} free on {self.device.type}")
