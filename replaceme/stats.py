@@ -20,6 +20,14 @@ from safetensors.torch import save as save_bytes
 GRAM_MIN_WIDTH = 192
 
 
+def add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a·b``, the product formed in ``a``'s dtype (in place when it is ``acc``'s)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
+
+
 def add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += xᵀx`` forming each off-diagonal block once, the mirror one by transposing it.
 
@@ -28,10 +36,7 @@ def add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
     exactly symmetric. Products are formed in ``x``'s dtype and added into ``acc``'s."""
     width = x.shape[1]
     if width < 2 * GRAM_MIN_WIDTH:
-        if acc.dtype == x.dtype:
-            acc.addmm_(x.T, x)
-        else:
-            acc += x.T @ x
+        add_product_(acc, x.T, x)
         return
     half = width // 2
     left, right = x[:, :half], x[:, half:]
@@ -66,10 +71,7 @@ class BlockStats:
         run float64 at a fraction of float32's rate), for sums that rank blocks and fit no map."""
         xp, yp = x.to(products), y.to(products)
         add_gram_(self.xtx, xp)
-        if products == self.xty.dtype:
-            self.xty.addmm_(xp.T, yp)
-        else:
-            self.xty += xp.T @ yp
+        add_product_(self.xty, xp.T, yp)
         self.yty_trace += float(yp.square().sum(dtype=torch.float64))
         self.tokens += x.shape[0]
 
