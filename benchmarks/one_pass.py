@@ -17,15 +17,15 @@ Side by side in one run, on the same model and batches:
 (b) and (c) are timed from opening the checkpoint to the solved map (reading the layers is
 included) with ``engine.memory_budget: auto``; they must select the same block and give the same
 map to float64 round-off (asserted), as must (d) and (e). Each section runs ``--repeats`` times,
-alternating; a target is met when both the faster runs' ratio and the median of the ratios within
-each repetition meet it.
+alternating, (d) and (e) swapping places every repetition; a target is met when both the faster
+runs' ratio and the median of the ratios within each repetition meet it.
 
 Models (``_setup.random_llama``, bf16 shards, computed in float32, L = 2 layers per block):
 hidden 768 with 8 layers and the bundled tokenizer's 2,048-word vocabulary (the LM head costs
 little), and the same with a 131,072-word vocabulary (HF's logits dominate its forward).
 Targets: (c), (d) and (e) ≤ 1.3× (a) on the first, ≤ 1.0× on the second.
 
-    python benchmarks/one_pass.py [--quick] [--repeats 3] [--tokens 32768] [--large-vocab-tokens 8192]
+    python benchmarks/one_pass.py [--quick] [--repeats 4] [--tokens 32768] [--large-vocab-tokens 8192]
 """
 
 from __future__ import annotations
@@ -162,12 +162,14 @@ def paired_ratio(runs: dict, key: str) -> float:
 def measure(name: str, model_path: Path, batches, repeats: int) -> dict:
     runs = {"load": [], "forward": [], "two": [], "one": [], "residual": [], "ray": []}
     last = {}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         load, forward = hf(model_path, batches)
         runs["load"].append(load)
         runs["forward"].append(forward)
-        # the default path right after the forward it is compared with; the old path last
-        for key in ("residual", "ray", "one", "two"):
+        # (d) and (e) right after the forward they are compared with, swapping places every
+        # repetition: this machine's speed drifts by several per cent within minutes, and a fixed
+        # order would charge that drift to the later one. The old path last.
+        for key in (*(("residual", "ray") if repeat % 2 == 0 else ("ray", "residual")), "one", "two"):
             if key == "ray":
                 last[key] = on_ray(model_path, batches)
             else:
@@ -197,7 +199,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine two threads spin-wait for each other "
                              "and run several times slower)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="an even count: (d) and (e) come first equally often")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -281,7 +283,8 @@ its HF forward, the slow side there, short). (a) the plain HF forward with `outp
 residual (one least-squares solve each), the block chosen by it; (e) (d) on a local Ray (`ray.init(num_cpus=2)`),
 one replica × one stage actor of one CPU, from the pass's start to the solved map, the actor's start apart.
 (b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Each section ran
-{repeats} times, alternating (a, d, e, c, b); the table shows the faster run of each, and the notes below also the
+{repeats} times, alternating (a, d, e, c, b and a, e, d, c, b: (d) and (e) swap places every repetition, as
+the machine's speed drifts within minutes); the table shows the faster run of each, and the notes below also the
 median of the ratios within each repetition; a target counts as met only when both measures meet it. torch threads: {args.threads}. Machine: {machine()}; 2 cores
 of a shared virtual machine: the same series varies between repetitions (see the runs in the notes),
 so compare the ratios, measured side by side. Whole benchmark: {elapsed:.0f} s.
