@@ -16,7 +16,11 @@ Side by side in one run, on the same model and batches:
 
 (b) and (c) are timed from opening the checkpoint to the solved map (reading the layers is
 included) with ``engine.memory_budget: auto``; they must select the same block and give the same
-map to float64 round-off (asserted), as must (d) and (e). Each section runs ``--repeats`` times,
+map to float64 round-off (asserted), as must (d) and (e). Every series runs in a fresh interpreter,
+as a user's run does (one ``replaceme run`` per process, one worker process per Ray stage): in one
+long-lived process each series inherits the heap the earlier ones left, and glibc's adaptive
+thresholds then make the same pass take a different number of page faults (benchmarks/allocator.py).
+(e) starts its own local Ray in its interpreter. Each section runs ``--repeats`` times,
 alternating, (d) and (e) swapping places every repetition; a target is met when both the faster
 runs' ratio and the median of the ratios within each repetition meet it.
 
@@ -31,9 +35,10 @@ Targets: (c), (d) and (e) ≤ 1.3× (a) on the first, ≤ 1.0× on the second.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,10 +80,7 @@ def hf(model_path: Path, batches) -> tuple[float, float]:
     with torch.no_grad():
         for batch in batches:
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-    finished = time.perf_counter()
-    del model
-    gc.collect()
-    return loaded - started, finished - loaded
+    return loaded - started, time.perf_counter() - loaded
 
 
 def ours(model_path: Path, batches, *, one_pass: bool, residual: bool = False) -> dict:
@@ -140,15 +142,57 @@ def on_ray(model_path: Path, batches) -> dict:
             "block": block, "transform": transform, "stats": stats}
 
 
+def child(spec: dict) -> dict:
+    """One series, in this (fresh) interpreter: its times and block as JSON, its map and XᵀX saved
+    to ``spec["tensors"]`` for the parent's agreement checks."""
+    torch.set_num_threads(spec["threads"])
+    model_path, key = Path(spec["model"]), spec["series"]
+    batches = calibration_batches(spec["tokens"])
+    if key == "forward":
+        load, forward = hf(model_path, batches)
+        return {"seconds": forward, "load": load}
+    if key == "ray":
+        ray = start_ray(2)
+        try:
+            result = on_ray(model_path, batches)
+        finally:
+            ray.shutdown()
+    else:
+        result = ours(model_path, batches, one_pass=key != "two", residual=key == "residual")
+    stats = result.pop("stats")
+    torch.save({"transform": result.pop("transform"), "xtx": stats.xtx}, spec["tensors"])
+    return {**result, "tokens": stats.tokens}
+
+
+def calibration_batches(tokens: int):
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "shakespeare-llama-16l")
+    return make_batches(texts(tokens // MAX_LENGTH), tokenizer, batch_size=BATCH_SIZE, max_length=MAX_LENGTH)
+
+
+def run_series(key: str, model_path: Path, tokens: int, threads: int) -> dict:
+    """``child`` in a fresh interpreter; its map and XᵀX read back."""
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = {"series": key, "model": str(model_path), "tokens": tokens, "threads": threads,
+                "tensors": f"{scratch}/tensors.pt"}
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"series {key} failed:\n{done.stderr[-4000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if key != "forward":
+            result.update(torch.load(spec["tensors"]), block=tuple(result["block"]))
+    return result
+
+
 def agreement(two: dict, one: dict) -> tuple[float, float]:
     """The two paths chose the same block and solved the same map to float64 round-off (asserted):
     (‖ΔT‖/‖T‖, ‖ΔXᵀX‖/‖XᵀX‖). The statistics differ only in the order of their sums (per data shard
     in calibrate, per batch in the profile pass)."""
     assert two["block"] == one["block"], f"blocks differ: {two['block']} vs {one['block']}"
-    assert two["stats"].tokens == one["stats"].tokens
+    assert two["tokens"] == one["tokens"]
     t_two, t_one = two["transform"].to(torch.float64), one["transform"].to(torch.float64)
     map_diff = float((t_two - t_one).norm() / t_two.norm())
-    xtx_diff = float((two["stats"].xtx - one["stats"].xtx).norm() / two["stats"].xtx.norm())
+    xtx_diff = float((two["xtx"] - one["xtx"]).norm() / two["xtx"].norm())
     assert map_diff < 1e-9, f"maps differ beyond float64 round-off: ‖ΔT‖/‖T‖ = {map_diff:.2e}"
     return map_diff, xtx_diff
 
@@ -159,36 +203,33 @@ def paired_ratio(runs: dict, key: str) -> float:
     return statistics.median(x["seconds"] / t for x, t in zip(runs[key], runs["forward"], strict=True))
 
 
-def measure(name: str, model_path: Path, batches, repeats: int) -> dict:
+def measure(name: str, model_path: Path, tokens: int, repeats: int, threads: int) -> dict:
     runs = {"load": [], "forward": [], "two": [], "one": [], "residual": [], "ray": []}
     last = {}
     for repeat in range(repeats):
-        load, forward = hf(model_path, batches)
-        runs["load"].append(load)
-        runs["forward"].append(forward)
+        forward = run_series("forward", model_path, tokens, threads)
+        runs["load"].append(forward["load"])
+        runs["forward"].append(forward["seconds"])
         # (d) and (e) right after the forward they are compared with, swapping places every
         # repetition: this machine's speed drifts by several per cent within minutes, and a fixed
         # order would charge that drift to the later one. The old path last.
         for key in (*(("residual", "ray") if repeat % 2 == 0 else ("ray", "residual")), "one", "two"):
-            if key == "ray":
-                last[key] = on_ray(model_path, batches)
-            else:
-                last[key] = ours(model_path, batches, one_pass=key != "two", residual=key == "residual")
+            last[key] = run_series(key, model_path, tokens, threads)
             runs[key].append(last[key])
-            gc.collect()
         map_diff, xtx_diff = agreement(last["two"], last["one"])
         ray_diff, _ = agreement(last["residual"], last["ray"])  # Ray sums per data shard, in-process per batch
-        print(name, f"HF load {load:.1f} s, forward {forward:.1f} s; two passes {last['two']['seconds']:.1f} s "
-              f"(profile {last['two']['profile_s']:.1f} s); one pass {last['one']['seconds']:.1f} s "
-              f"(profile {last['one']['profile_s']:.1f} s); residual selection {last['residual']['seconds']:.1f} s; "
-              f"on Ray {last['ray']['seconds']:.1f} s (actor start {last['ray']['start_s']:.1f} s); "
-              f"‖ΔT‖/‖T‖ {map_diff:.1e}, Ray against in-process {ray_diff:.1e}", flush=True)
+        print(name, f"HF load {forward['load']:.1f} s, forward {forward['seconds']:.1f} s; two passes "
+              f"{last['two']['seconds']:.1f} s (profile {last['two']['profile_s']:.1f} s); one pass "
+              f"{last['one']['seconds']:.1f} s (profile {last['one']['profile_s']:.1f} s); residual selection "
+              f"{last['residual']['seconds']:.1f} s; on Ray {last['ray']['seconds']:.1f} s (actor start "
+              f"{last['ray']['start_s']:.1f} s); ‖ΔT‖/‖T‖ {map_diff:.1e}, Ray against in-process {ray_diff:.1e}",
+              flush=True)
     best = {key: min(values) if key in ("load", "forward") else min(values, key=lambda r: r["seconds"])
             for key, values in runs.items()}
     return {"best": best, "runs": runs, "block": last["one"]["block"], "residual_block": last["residual"]["block"],
             "map_diff": map_diff, "xtx_diff": xtx_diff, "ray_diff": ray_diff,
             "plans": {"two": last["two"]["plans"], "one": last["one"]["plans"]},
-            "tokens": sum(b.num_tokens for b in batches), "shards": -(-len(batches) // BATCHES_PER_SHARD)}
+            "tokens": last["one"]["tokens"], "shards": -(-len(calibration_batches(tokens)) // BATCHES_PER_SHARD)}
 
 
 def main() -> None:
@@ -200,24 +241,24 @@ def main() -> None:
                         help="torch threads (default 1: on a shared machine two threads spin-wait for each other "
                              "and run several times slower)")
     parser.add_argument("--repeats", type=int, default=4, help="an even count: (d) and (e) come first equally often")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    start_ray(2)
     hidden, layers = (256, 4) if args.quick else (768, 8)
     tokens = {"small": 2048 if args.quick else args.tokens, "large": 2048 if args.quick else args.large_vocab_tokens}
     vocab = {"small": 2048, "large": 32768 if args.quick else 131072}
     repeats = 1 if args.quick else args.repeats
     scratch = Path(tempfile.mkdtemp())
-    tokenizer = AutoTokenizer.from_pretrained(ROOT / "examples" / "shakespeare-llama-16l")
     results, rows = {}, []
     for kind in ("small", "large"):
         model = random_llama(scratch / kind, hidden=hidden, layers=layers, vocab=vocab[kind], kv_heads=4,
                              shard_size="64MB")
-        batches = make_batches(texts(tokens[kind] // MAX_LENGTH), tokenizer, batch_size=BATCH_SIZE,
-                               max_length=MAX_LENGTH)
         name = f"hidden {hidden}, {layers} layers, vocabulary {vocab[kind]:,}"
-        r = results[kind] = measure(name, model, batches, repeats)
+        r = results[kind] = measure(name, model, tokens[kind], repeats, args.threads)
         b = r["best"]
         forward = b["forward"]
         target = TARGETS[kind]
@@ -282,7 +323,9 @@ its HF forward, the slow side there, short). (a) the plain HF forward with `outp
 (d) the same with `selection: residual` (the default): the stream-weighted statistics too, every candidate's
 residual (one least-squares solve each), the block chosen by it; (e) (d) on a local Ray (`ray.init(num_cpus=2)`),
 one replica × one stage actor of one CPU, from the pass's start to the solved map, the actor's start apart.
-(b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Each section ran
+(b) and (c) run from opening the checkpoint to the solved map, `engine.memory_budget: {BUDGET}`. Every series ran
+in a fresh interpreter, (e) with its own local Ray, as a user's run does (earlier runs of this benchmark ran them
+all in one process, where each inherited the heap of the ones before; see the allocator section). Each section ran
 {repeats} times, alternating (a, d, e, c, b and a, e, d, c, b: (d) and (e) swap places every repetition, as
 the machine's speed drifts within minutes); the table shows the faster run of each, and the notes below also the
 median of the ratios within each repetition; a target counts as met only when both measures meet it. torch threads: {args.threads}. Machine: {machine()}; 2 cores
