@@ -1,9 +1,13 @@
-"""What several benchmarks set up: a random bfloat16 Llama saved as a checkpoint, and a local Ray."""
+"""What several benchmarks set up: a random bfloat16 Llama saved as a checkpoint, a local Ray, and a point
+measured in a fresh interpreter."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -33,3 +37,13 @@ def start_ray(cpus: int, gpus: int = 0):
 
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return ray
+
+
+def run_child(script: str, spec: dict, env: dict[str, str] | None = None) -> dict:
+    """``python script --child SPEC`` in a fresh interpreter (``env``: its whole environment); the JSON
+    object it prints last. A failed child stops the benchmark with its error."""
+    result = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], check=False, capture_output=True,
+                            text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"child failed ({spec}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

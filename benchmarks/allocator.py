@@ -25,8 +25,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 from _record import machine, record, table
-from _setup import random_llama
+from _setup import random_llama, run_child
 
 BLOCK_SIZE, BATCH_SIZE, MAX_LENGTH = 2, 16, 128
 FIXED = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30),
@@ -76,12 +74,9 @@ def _faults() -> int:
 
 
 def measure(spec: dict, env: dict[str, str]) -> dict:
+    """One point under ``env``'s thresholds (none of this process's own MALLOC_*_ settings)."""
     clean = {k: v for k, v in os.environ.items() if k not in FIXED}
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
-                            capture_output=True, text=True, env={**clean, **env})
-    if result.returncode != 0:
-        raise SystemExit(f"child failed ({spec}):\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_child(__file__, spec, {**clean, **env})
 
 
 def main() -> None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import torch
 
 from _record import machine, record, table
-from _setup import random_llama
+from _setup import random_llama, run_child
 from replaceme.errors import ReplaceMeError
 from replaceme.stats import CandidateStats
 
@@ -156,14 +154,6 @@ def _status_mib(key: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(spec: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"child failed ({spec}):\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny token counts, 1× and 4× only, nothing recorded (smoke test)")
@@ -193,7 +183,7 @@ def main() -> None:
                 spec = {"model": str(model), "texts": count * factor, "batch_size": batch_size,
                         "max_length": max_length, "block_size": block_size, "threads": args.threads,
                         "unbounded": not fixed, "budget": budget if fixed else UNBOUNDED, "trim": trim}
-                point = points[(name, factor, label)] = measure(spec)
+                point = points[(name, factor, label)] = run_child(__file__, spec)
                 print(name, factor, label, json.dumps(point), flush=True)
         for label, fixed, _ in SERIES:
             base = points[(name, 1, label)]

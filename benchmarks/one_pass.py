@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from _record import machine, record, table
-from _setup import random_llama, start_ray
+from _setup import random_llama, run_child, start_ray
 from replaceme.blocks import Block, select_blocks
 from replaceme.checkpoint import Checkpoint
 from replaceme.config import EngineConfig
@@ -143,7 +141,7 @@ def on_ray(model_path: Path, batches) -> dict:
 
 
 def child(spec: dict) -> dict:
-    """One series, in this (fresh) interpreter: its times and block as JSON, its map and XᵀX saved
+    """One series, in this (fresh) interpreter: its times, block and batch count as JSON, its map and XᵀX saved
     to ``spec["tensors"]`` for the parent's agreement checks."""
     torch.set_num_threads(spec["threads"])
     model_path, key = Path(spec["model"]), spec["series"]
@@ -161,7 +159,7 @@ def child(spec: dict) -> dict:
         result = ours(model_path, batches, one_pass=key != "two", residual=key == "residual")
     stats = result.pop("stats")
     torch.save({"transform": result.pop("transform"), "xtx": stats.xtx}, spec["tensors"])
-    return {**result, "tokens": stats.tokens}
+    return {**result, "tokens": stats.tokens, "batches": len(batches)}
 
 
 def calibration_batches(tokens: int):
@@ -174,11 +172,7 @@ def run_series(key: str, model_path: Path, tokens: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         spec = {"series": key, "model": str(model_path), "tokens": tokens, "threads": threads,
                 "tensors": f"{scratch}/tensors.pt"}
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], check=False,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"series {key} failed:\n{done.stderr[-4000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = run_child(__file__, spec)
         if key != "forward":
             result.update(torch.load(spec["tensors"]), block=tuple(result["block"]))
     return result
@@ -229,7 +223,7 @@ def measure(name: str, model_path: Path, tokens: int, repeats: int, threads: int
     return {"best": best, "runs": runs, "block": last["one"]["block"], "residual_block": last["residual"]["block"],
             "map_diff": map_diff, "xtx_diff": xtx_diff, "ray_diff": ray_diff,
             "plans": {"two": last["two"]["plans"], "one": last["one"]["plans"]},
-            "tokens": last["one"]["tokens"], "shards": -(-len(calibration_batches(tokens)) // BATCHES_PER_SHARD)}
+            "tokens": last["one"]["tokens"], "shards": -(-last["one"]["batches"] // BATCHES_PER_SHARD)}
 
 
 def main() -> None:
