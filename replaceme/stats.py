@@ -47,6 +47,11 @@ def add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
     add_gram_(acc[half:, half:], right)
 
 
+def squared_norm(t: torch.Tensor) -> float:
+    """``Σ t²`` in float64, without a float64 copy of ``t``."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+
+
 @dataclass
 class BlockStats:
     xtx: torch.Tensor  # [d, d] float64
@@ -72,7 +77,7 @@ class BlockStats:
         xp, yp = x.to(products), y.to(products)
         add_gram_(self.xtx, xp)
         add_product_(self.xty, xp.T, yp)
-        self.yty_trace += float(yp.square().sum(dtype=torch.float64))
+        self.yty_trace += squared_norm(yp)
         self.tokens += x.shape[0]
 
     def __iadd__(self, other: BlockStats) -> BlockStats:
@@ -132,13 +137,14 @@ class CandidateStats:
 
     def update(self, x: torch.Tensor, h_before: torch.Tensor, h_after: torch.Tensor) -> None:
         """Token rows of X, h_{s-1} and h_{e-1}; Y is formed exactly as calibration forms it."""
-        y = h_after - h_before + x
+        # In-place and fused forms: each full-size temporary costs as much as a small product here.
+        y = torch.sub(h_after, h_before).add_(x)
         self.stats.update(x, y)
-        norms_sq = h_after.to(torch.float64).square().sum(-1, keepdim=True)
+        norms_sq = torch.linalg.vector_norm(h_after, dim=-1, keepdim=True, dtype=torch.float64).square_()
         self.stream_sq += float(norms_sq.sum())
         if self.weighted is not None:
             scale = norms_sq.clamp_min(1e-300).rsqrt().float()
-            self.weighted.update(x.float() * scale, y.float() * scale, products=torch.float32)
+            self.weighted.update(x.float() * scale, y.float().mul_(scale), products=torch.float32)  # y is spent
 
     def __iadd__(self, other: CandidateStats) -> CandidateStats:
         if (self.weighted is None) != (other.weighted is None):
