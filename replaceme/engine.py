@@ -231,8 +231,8 @@ class LocalEngine:
         return stream
 
     def rows(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Non-padding token rows of each batch ([n_tokens, hidden])."""
-        return [t[b.attention_mask.to(t.device).bool()] for b, t in zip(self.batches, tensors, strict=True)]
+        """Non-padding token rows of each batch ([n_tokens, hidden]): a view where the batch has no padding."""
+        return [_rows(t, b.attention_mask) for b, t in zip(self.batches, tensors, strict=True)]
 
     def _check_finite(self, index: int, outputs: list[torch.Tensor]) -> None:
         for batch_index, (batch, out) in enumerate(zip(self.batches, outputs, strict=True)):
@@ -620,6 +620,11 @@ def angle_sums(block_size: int, num_layers: int) -> AngleSums:
     if block_size >= num_layers:
         raise ReplaceMeError(f"layers_to_skip: {block_size} must be smaller than the model's {num_layers} layers")
     return AngleSums(block_size)
+
+
+def _rows(tensor: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.to(tensor.device).bool()
+    return tensor.flatten(0, 1) if bool(mask.all()) else tensor[mask]
 
 
 def check_finite(index: int, out: torch.Tensor, attention_mask: torch.Tensor, where: str = "") -> None:
