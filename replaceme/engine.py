@@ -623,6 +623,7 @@ def angle_sums(block_size: int, num_layers: int) -> AngleSums:
 
 
 def _rows(tensor: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    # A view is safe: the supported families' decoder layers never write into their input.
     mask = attention_mask.to(tensor.device).bool()
     return tensor.flatten(0, 1) if bool(mask.all()) else tensor[mask]
 
