@@ -17,10 +17,11 @@ Side by side in one run, on the same model and batches:
 (b), (c) and (d) are timed from the pass's start to the solved map (reading the layers is
 included), with ``engine.memory_budget: auto``; opening the checkpoint (``Checkpoint``,
 ``LayerwiseModel``, ``LocalEngine``) is timed apart, as HF's load and (e)'s actor start are. They
-must select the same block and give the same map to float64 round-off (asserted), as must (d) and (e). Every series runs in a fresh interpreter,
-as a user's run does (one ``replaceme run`` per process, one worker process per Ray stage): in one
-long-lived process each series inherits the heap the earlier ones left, and glibc's adaptive
-thresholds then make the same pass take a different number of page faults (benchmarks/allocator.py).
+must select the same block and give the same map to float64 round-off (asserted), as must (d) and
+(e). Every series runs in a fresh interpreter, as a user's run does (one ``replaceme run`` per
+process, one worker process per Ray stage): in one long-lived process each series inherits the heap
+the earlier ones left, and glibc's adaptive thresholds then make the same pass take a different
+number of page faults (benchmarks/allocator.py).
 (e) starts its own local Ray in its interpreter. Each section runs ``--repeats`` times,
 alternating, (d) and (e) swapping places every repetition; a target is met when both the faster
 runs' ratio and the median of the ratios within each repetition meet it.
