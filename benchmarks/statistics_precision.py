@@ -85,7 +85,9 @@ def measure_model(model_path: str) -> dict:
             rows.append(dict(block=block, condition=float(eigen[-1] / eigen[0]),
                              map_change=float((t32 - t64).norm() / t64.norm()), residual_change=(r32 - r64) / r64,
                              perplexity=ppl, perplexity_change=change))
-    scores64, scores32 = stream_residuals(wide), stream_residuals(narrow)
+    # The engine's mix: float64 plain statistics (they fit the map the criterion measures), float32 weighted ones.
+    engine_mix = {b: CandidateStats(wide[b].stats, wide[b].stream_sq, narrow[b].weighted) for b in blocks}
+    scores64, scores32 = stream_residuals(wide), stream_residuals(engine_mix)
     order64, order32 = sorted(blocks, key=scores64.get), sorted(blocks, key=scores32.get)
     return dict(name=f"{model.hf_config.model_type} {model.num_layers}L/{model.hidden_size}", rows=rows,
                 score_change=max(abs(scores32[b] / scores64[b] - 1) for b in blocks),
@@ -157,7 +159,8 @@ Conditioning sweep (16,384 random float32 rows, hidden 256, Y = X·T + 1 % noise
 
 {table(["cond(XᵀX)", "‖ΔT‖/‖T‖", "in-sample residual change", "residual change on fresh rows"], swept)}
 
-The residual criterion (`selection: residual`, its weighted statistics) from float32 products against float64 ones:
+The residual criterion (`selection: residual`) as the engine gathers it (the weighted statistics from float32
+products, the map it measures from float64 ones) against all float64:
 
 {table(["model", "largest score change", "closest gap between two candidates' scores", "same ranking",
         "chosen (float64 / float32)"], ranking)}
