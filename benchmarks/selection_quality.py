@@ -50,13 +50,14 @@ The other trained models (not in git; about 20 and 10 minutes on one free core) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,16 +358,33 @@ def context(model_path: str) -> recipe.Context:
     return recipe.Context(config, progress=False)
 
 
-def compare(model_path: str, first: list[Block], second: list[Block]) -> str:
-    """Two pruned models (maps fitted as in the benchmark) on the same eval tokens: their perplexities
-    and the paired standard error of the difference of their mean losses (how much of a gap is noise)."""
+@dataclass
+class Traced:
+    """A model opened layer by layer, with its calibration and eval sets run through it unpruned."""
+
+    model: LayerwiseModel
+    calib: Runner
+    calib_trace: Trace
+    evaluation: Runner
+    eval_trace: Trace
+
+
+@contextlib.contextmanager
+def traced(model_path: str) -> Iterator[Traced]:
     ctx = context(model_path)
     with Checkpoint(model_path) as checkpoint:
         model = ctx.layerwise(checkpoint)
-        layers: dict[int, torch.nn.Module] = {}
+        layers: dict[int, torch.nn.Module] = {}  # shared: each layer is loaded once for both sets
         calib, evaluation = Runner(model, ctx.batches, layers), Runner(model, ctx.eval_batches, layers)
-        calib_trace, eval_trace = trace(calib), trace(evaluation)
-        a, b = (evaluation.token_losses(run_pruned(evaluation, eval_trace, fit_sequential(calib, calib_trace, blocks)))
+        yield Traced(model, calib, trace(calib), evaluation, trace(evaluation))
+
+
+def compare(model_path: str, first: list[Block], second: list[Block]) -> str:
+    """Two pruned models (maps fitted as in the benchmark) on the same eval tokens: their perplexities
+    and the paired standard error of the difference of their mean losses (how much of a gap is noise)."""
+    with traced(model_path) as t:
+        a, b = (t.evaluation.token_losses(run_pruned(t.evaluation, t.eval_trace,
+                                                     fit_sequential(t.calib, t.calib_trace, blocks)))
                 for blocks in (first, second))
     difference = a - b
     error = float(difference.std() / math.sqrt(difference.numel()))
@@ -376,13 +394,9 @@ def compare(model_path: str, first: list[Block], second: list[Block]) -> str:
 
 
 def benchmark_model(model_path: str, sizes: Sequence[int], saved: Path | None = None) -> dict:
-    ctx = context(model_path)
     started = time.perf_counter()
-    with Checkpoint(model_path) as checkpoint:
-        model = ctx.layerwise(checkpoint)
-        layers: dict[int, torch.nn.Module] = {}
-        calib, evaluation = Runner(model, ctx.batches, layers), Runner(model, ctx.eval_batches, layers)
-        calib_trace, eval_trace = trace(calib), trace(evaluation)
+    with traced(model_path) as t:
+        model, calib, calib_trace, evaluation, eval_trace = t.model, t.calib, t.calib_trace, t.evaluation, t.eval_trace
         heldout_batches = {b for b in range(len(calib.batches)) if b % HELDOUT_EVERY == HELDOUT_EVERY - 1}
         measure = Measure(calib, calib_trace, evaluation, eval_trace, saved)
         num_layers = model.num_layers

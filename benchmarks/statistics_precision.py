@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 from _record import machine, record, table
-from replaceme.checkpoint import Checkpoint
 from replaceme.selection import stream_residuals
 from replaceme.solvers import solve_lstsq
 from replaceme.stats import BlockStats, CandidateStats
-from selection_quality import Runner, Trace, context, run_pruned, trace
+from selection_quality import Runner, Trace, run_pruned, traced
 
 BUNDLED = "examples/shakespeare-llama-16l"
 CONDITIONS = (1e4, 1e6, 1e8, 1e10)
@@ -66,12 +65,8 @@ def perplexity_change(evaluation: Runner, eval_trace: Trace, block, reference: t
 
 
 def measure_model(model_path: str) -> dict:
-    ctx = context(model_path)
-    with Checkpoint(model_path) as checkpoint:
-        model = ctx.layerwise(checkpoint)
-        layers: dict[int, torch.nn.Module] = {}
-        calib, evaluation = Runner(model, ctx.batches, layers), Runner(model, ctx.eval_batches, layers)
-        calib_trace, eval_trace = trace(calib), trace(evaluation)
+    with traced(model_path) as t:
+        model, calib, calib_trace, evaluation, eval_trace = t.model, t.calib, t.calib_trace, t.evaluation, t.eval_trace
         size = model.num_layers // 4
         blocks = [(s, s + size) for s in range(1, model.num_layers - size + 1)]
         wide = {b: candidate_stats(calib, calib_trace, b, torch.float64) for b in blocks}
