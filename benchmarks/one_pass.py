@@ -123,7 +123,7 @@ def solve_from_profile(profile: Profile, block: Block) -> tuple[BlockStats, torc
     return stats, solve_lstsq(stats)[0]
 
 
-def on_ray(ray, model_path: Path, batches) -> dict:
+def on_ray(model_path: Path, batches) -> dict:
     """(e): (d) on the local Ray, one replica × one stage actor of one CPU (one torch thread, as the
     other series). The pass is timed from its start to the solved map; starting the actor (a worker
     process imports torch and loads its layers) is timed apart."""
@@ -138,7 +138,7 @@ def on_ray(ray, model_path: Path, batches) -> dict:
         block = select(profile, int(settings.model_config["num_hidden_layers"]), residual=True)
         stats, transform = solve_from_profile(profile, block)
         solved = time.perf_counter() - started
-        forward = stage_seconds(ray, "forward", calls=len(batches))  # before the actor is gone, with its events
+        forward = stage_seconds(engine.ray, "forward", calls=len(batches))  # before the actor is gone, with its events
     finally:
         engine.close()
     return {"seconds": engine.seconds["passes"] + solved, "start_s": engine.seconds["start_workers"],
@@ -171,7 +171,7 @@ def child(spec: dict) -> dict:
     if key == "ray":
         ray = start_ray(2)
         try:
-            result = on_ray(ray, model_path, batches)
+            result = on_ray(model_path, batches)
         finally:
             ray.shutdown()
     else:
