@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
@@ -69,6 +70,11 @@ class BlockStats:
     def nbytes(hidden: int) -> int:
         """Memory of one block's statistics: XᵀX and XᵀY in float64."""
         return 2 * hidden * hidden * 8
+
+    def __reduce__(self):
+        # Host tensors pickle as numpy arrays, which Ray's object store takes out of band (one copy):
+        # torch's own pickling of a stage's partials ran about 6x slower (0.37 s against 0.06 s for 113 MB).
+        return _rebuild_block_stats, (_portable(self.xtx), _portable(self.xty), self.yty_trace, self.tokens)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, *, products: torch.dtype = torch.float64) -> None:
         """Add token rows ``x`` and ``y`` ([n, d]) to the statistics. A batch's products are formed
@@ -158,6 +164,16 @@ class CandidateStats:
     def cpu(self) -> CandidateStats:
         """A copy in host memory (what a stage actor returns to the driver)."""
         return CandidateStats(_cpu(self.stats), self.stream_sq, _cpu(self.weighted) if self.weighted else None)
+
+
+def _portable(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+
+
+def _rebuild_block_stats(xtx, xty, yty_trace: float, tokens: int) -> BlockStats:
+    def tensor(value):  # an array read from the object store is read-only: the sums are added into, so copy
+        return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+    return BlockStats(tensor(xtx), tensor(xty), yty_trace, tokens)
 
 
 def _cpu(stats: BlockStats) -> BlockStats:

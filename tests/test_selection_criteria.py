@@ -231,3 +231,19 @@ def test_rank_correlation():
         math.sqrt(3) / 2)
     with pytest.raises(ValueError):
         rank_correlation({(1, 3): 1.0}, truth)
+
+
+def test_statistics_survive_pickling_bit_for_bit_and_stay_addable():
+    """Stage actors return partials through Ray's object store, which pickles them (as numpy arrays)."""
+    import pickle
+
+    generator = torch.Generator().manual_seed(0)
+    original = CandidateStats.zeros(16, weighted=True)
+    original.update(*(torch.randn(40, 16, generator=generator) for _ in range(3)))
+    copy = pickle.loads(pickle.dumps(original))
+    for before, after in ((original.stats, copy.stats), (original.weighted, copy.weighted)):
+        assert torch.equal(before.xtx, after.xtx) and torch.equal(before.xty, after.xty)
+        assert (before.yty_trace, before.tokens) == (after.yty_trace, after.tokens)
+    assert copy.stream_sq == original.stream_sq
+    copy += original  # the rebuilt tensors own their memory
+    assert copy.stats.tokens == 80 and torch.equal(copy.stats.xtx, 2 * original.stats.xtx)
