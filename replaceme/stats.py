@@ -170,10 +170,13 @@ def _portable(tensor: torch.Tensor) -> torch.Tensor | np.ndarray:
     return tensor.numpy() if tensor.device.type == "cpu" else tensor
 
 
+def _owned(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    # An array read from the object store is read-only, and sums are added into: copy it.
+    return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+
+
 def _rebuild_block_stats(xtx, xty, yty_trace: float, tokens: int) -> BlockStats:
-    def tensor(value):  # an array read from the object store is read-only: the sums are added into, so copy
-        return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
-    return BlockStats(tensor(xtx), tensor(xty), yty_trace, tokens)
+    return BlockStats(_owned(xtx), _owned(xty), yty_trace, tokens)
 
 
 def _cpu(stats: BlockStats) -> BlockStats:

@@ -6,6 +6,7 @@ less, and the greedy choice, shortlist and rank correlation behave as documented
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -235,8 +236,6 @@ def test_rank_correlation():
 
 def test_statistics_survive_pickling_bit_for_bit_and_stay_addable():
     """Stage actors return partials through Ray's object store, which pickles them (as numpy arrays)."""
-    import pickle
-
     generator = torch.Generator().manual_seed(0)
     original = CandidateStats.zeros(16, weighted=True)
     original.update(*(torch.randn(40, 16, generator=generator) for _ in range(3)))
