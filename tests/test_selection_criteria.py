@@ -239,10 +239,16 @@ def test_statistics_survive_pickling_bit_for_bit_and_stay_addable():
     generator = torch.Generator().manual_seed(0)
     original = CandidateStats.zeros(16, weighted=True)
     original.update(*(torch.randn(40, 16, generator=generator) for _ in range(3)))
-    copy = pickle.loads(pickle.dumps(original))
+    buffers: list[pickle.PickleBuffer] = []  # out of band and read-only, as Ray's object store hands them back
+    data = pickle.dumps(original, protocol=5, buffer_callback=buffers.append)
+    stored = [bytearray(b.raw()) for b in buffers]
+    copy = pickle.loads(data, buffers=[memoryview(b).toreadonly() for b in stored])
+    assert stored  # the tensors did travel out of band
     for before, after in ((original.stats, copy.stats), (original.weighted, copy.weighted)):
         assert torch.equal(before.xtx, after.xtx) and torch.equal(before.xty, after.xty)
         assert (before.yty_trace, before.tokens) == (after.yty_trace, after.tokens)
     assert copy.stream_sq == original.stream_sq
-    copy += original  # the rebuilt tensors own their memory
+    snapshot = [bytes(b) for b in stored]
+    copy += original  # the rebuilt tensors own their memory: the store's buffers stay as they were
     assert copy.stats.tokens == 80 and torch.equal(copy.stats.xtx, 2 * original.stats.xtx)
+    assert [bytes(b) for b in stored] == snapshot
